@@ -1,0 +1,115 @@
+"""The pipeline flow: run the DVC stages in order under one MLflow parent run.
+
+    python -m flows.pipeline                      # the whole pipeline
+    python -m flows.pipeline --stages base ingest # just these (and whatever DVC says they need)
+    python -m flows.pipeline --force              # re-run stages even when DVC has them cached
+
+Orchestration only: DVC decides what is stale and caches results, so these tasks do not cache; each
+stage is a `dvc repro <stage>` subprocess that opens its own MLflow child run under the parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from tunekit.io import git_commit
+from tunekit.params import ProjectParams, load_all
+from tunekit.tracking import PARENT_RUN_ENV, log_metrics, setup_mlflow
+
+STAGES = ("demo", "base", "ingest", "template", "finetune", "evaluate", "merge")
+LOCK_MESSAGE = "Unable to acquire lock"
+
+
+class StageFailed(RuntimeError):
+    """A stage exited non-zero; the message carries the tail of its output."""
+
+
+class DvcLocked(StageFailed):
+    """Another DVC process holds the repository lock; waiting and retrying can help."""
+
+
+def _stream(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run cmd, passing its output through live, and return (exit code, last lines of output)."""
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            sys.stdout.buffer.write(raw)
+            sys.stdout.flush()
+            tail.append(raw.decode("utf-8", "replace").rstrip().split("\r")[-1])
+    return proc.returncode, "\n".join(line for line in tail if line)
+
+
+def _retry_only_on_lock(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except DvcLocked:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=15, retry_condition_fn=_retry_only_on_lock,
+      task_run_name="dvc repro {stage}")
+def repro(stage: str, force: bool, parent_run_id: str) -> None:
+    logger = get_run_logger()
+    cmd = ["dvc", "repro", *(["--force", "--single-item"] if force else []), stage]
+    logger.info("running: %s", " ".join(cmd))
+    env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
+    code, tail = _stream(cmd, env)
+    if code != 0:
+        error = DvcLocked if LOCK_MESSAGE in tail else StageFailed
+        raise error(f"stage {stage!r} failed (exit {code}). Last output:\n{tail}")
+
+
+@flow(name="tunekit-pipeline", log_prints=True)
+def pipeline(stages: list[str] | None = None, force: bool = False) -> dict:
+    """Run `stages` (default: all, in DAG order) under one MLflow parent run and return every stage's metrics."""
+    selected = list(stages or STAGES)
+    unknown = [s for s in selected if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    sections = load_all()  # every params problem reported before anything runs
+    project: ProjectParams = sections["project"]  # type: ignore[assignment]
+
+    mlflow = setup_mlflow(project.experiment)
+    with mlflow.start_run(run_name="pipeline", tags={"git.commit": git_commit(), "stages": ",".join(selected)}) as parent:
+        for stage in [s for s in STAGES if s in selected]:
+            repro(stage, force, parent.info.run_id)
+        # Stages restored from DVC's cache did not run, so their numbers come from their metrics files.
+        metrics = {}
+        for stage in STAGES:
+            path = Path("metrics") / f"{stage}.json"
+            if path.exists():
+                metrics[stage] = json.loads(path.read_text(encoding="utf-8"))
+        log_metrics(mlflow, metrics)
+        for path in ("params.yaml", "dvc.lock"):
+            if Path(path).exists():
+                mlflow.log_artifact(path)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, help="stages to run (default: all)")
+    parser.add_argument("--force", action="store_true", help="re-run the selected stages even if cached")
+    args = parser.parse_args(argv)
+    metrics = pipeline(stages=args.stages, force=args.force)
+    summary = metrics.get("evaluate", {})
+    if summary:
+        for name in ("base", "tuned"):
+            print(f"{name:>6}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary[name].items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Stage `merge`: fold the adapter into the base weights and write a standalone checkpoint.
+
+    python -m stages.merge --model models/finetune --data data/tokenized --out models/merged \
+        --metrics metrics/merge.json
+
+The merged checkpoint loads with plain `transformers` (no peft). Before it is accepted, its logits
+on held-out conversations are compared with the adapter model's; the stage fails if they differ by
+more than `merge.atol`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from tunekit.io import atomic_dir, read_jsonl, read_meta, write_json, write_meta
+from tunekit.models import load_causal_lm, load_tokenizer, set_threads
+from tunekit.params import MergeParams, ProjectParams, load_section
+from tunekit.tracking import configure_logging, log_metrics, stage_run
+from tunekit.train import collate
+
+log = logging.getLogger("tunekit")
+
+
+class MergeMismatch(Exception):
+    pass
+
+
+@torch.no_grad()
+def logits_on(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits
+
+
+def max_logit_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    """Largest |a - b| over real (non-padding) positions."""
+    return float((a - b).abs().amax(dim=-1)[mask.bool()].max())
+
+
+def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict:
+    from peft import PeftModel
+
+    set_threads(0)
+    meta = read_meta(model_dir)
+    if meta is None or not meta.get("parent"):
+        raise SystemExit(f"{model_dir}/meta.json is missing or names no parent checkpoint; re-run the finetune stage")
+    if not meta.get("mergeable", False):
+        raise SystemExit(f"{model_dir}: method {meta.get('method')!r} cannot be merged into the base weights")
+    base_dir = Path(meta["parent"]["path"])
+    tokenizer = load_tokenizer(model_dir)
+    rows = list(read_jsonl(data_dir / "test.jsonl"))[:params.check_examples] or \
+        list(read_jsonl(data_dir / "validation.jsonl"))[:params.check_examples]
+    if not rows:
+        raise SystemExit(f"{data_dir}: no test or validation examples to check the merge on")
+    batch = collate(rows, tokenizer.pad_token_id)  # held-out splits are never packed: one conversation per row
+
+    adapter_model = PeftModel.from_pretrained(load_causal_lm(base_dir), str(model_dir))
+    adapter_logits = logits_on(adapter_model, batch)
+    merged = adapter_model.merge_and_unload()
+
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # Check the checkpoint as users will load it: from disk, with plain transformers.
+        reloaded_logits = logits_on(load_causal_lm(tmp), batch)
+        difference = max_logit_difference(adapter_logits, reloaded_logits, batch["attention_mask"])
+        log.info("largest |logit| difference, adapter vs merged checkpoint: %.3g (tolerance %.3g)", difference, params.atol)
+        if not difference <= params.atol:
+            raise MergeMismatch(
+                f"merged model differs from the adapter model by {difference:.4g} > merge.atol={params.atol}: "
+                "the merged checkpoint was not written. Check the adapter and base match (meta.json lineage)."
+            )
+        write_meta(tmp, "merge", params.model_dump(), parent=model_dir,
+                   extra={"base": str(base_dir), "max_logit_difference": difference})
+    return {"max_logit_difference": difference, "checked_examples": len(rows),
+            "checked_tokens": int(batch["attention_mask"].sum())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="adapter checkpoint (its meta.json names the base)")
+    parser.add_argument("--data", type=Path, required=True, help="tokenised data directory (held-out examples)")
+    parser.add_argument("--out", type=Path, required=True, help="merged checkpoint directory to write")
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args(argv)
+    configure_logging()
+    project: ProjectParams = load_section("project")
+    params: MergeParams = load_section("merge")
+
+    with stage_run("merge", project.experiment, params) as mlflow:
+        metrics = run(params, args.model, args.data, args.out)
+        write_json(args.metrics, metrics)
+        log_metrics(mlflow, metrics)
+    log.info("merged checkpoint written to %s: %s", args.out, metrics)
+
+
+if __name__ == "__main__":
+    main()

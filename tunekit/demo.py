@@ -1,0 +1,63 @@
+"""The demo task: turn a short free-text order note into one strict JSON object.
+
+A 135M instruct model, told the schema, still answers in prose or with the wrong keys, so its exact
+match is near zero; a few hundred examples of LoRA teach it the format and the field extraction.
+The generator is deterministic: the same seed writes byte-identical data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+SYSTEM_PROMPT = (
+    "Extract the order from the note. Answer with one JSON object and nothing else, with keys "
+    '"customer" (full name), "item" (singular, lower case), "quantity" (integer) and "city".'
+)
+
+FIRST_NAMES = ["Maria", "John", "Aisha", "Wei", "Lukas", "Sofia", "Omar", "Priya", "Diego", "Hannah", "Kenji", "Fatima",
+               "Noah", "Elena", "Tomas", "Grace", "Ivan", "Chloe", "Mateo", "Amara", "Lars", "Nadia", "Samuel", "Yuki"]
+LAST_NAMES = ["Lopez", "Smith", "Khan", "Chen", "Weber", "Rossi", "Haddad", "Patel", "Garcia", "Muller", "Tanaka",
+              "Okafor", "Novak", "Silva", "Berg", "Kowalski", "Nguyen", "Dubois", "Ivanova", "Murphy", "Santos", "Kim"]
+CITIES = ["Denver", "Lyon", "Osaka", "Nairobi", "Porto", "Austin", "Krakow", "Leeds", "Toronto", "Bergen", "Seville",
+          "Melbourne", "Chennai", "Quito", "Tallinn", "Boston", "Dublin", "Graz", "Busan", "Accra", "Utrecht", "Cusco"]
+ITEMS = ["desk lamp", "water bottle", "notebook", "office chair", "coffee grinder", "bike helmet", "yoga mat",
+         "phone charger", "backpack", "tea kettle", "wall clock", "keyboard", "frying pan", "umbrella", "table fan",
+         "laptop stand", "picture frame", "garden hose", "rain jacket", "cutting board", "flower pot", "headphone set"]
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine",
+                10: "ten", 12: "twelve"}
+
+# Phrasings vary word order, number style and plural forms so the model must extract, not copy a layout.
+NOTES = [
+    "{name} from {city} ordered {qty} {items}.",
+    "New order: {qty} x {item}, customer {name}, ship to {city}.",
+    "Please send {qty} {items} to {name} in {city}.",
+    "{city} branch: {name} wants {qty} {items} asap",
+    "Customer {name} ({city}) placed an order for {qty} {items}.",
+    "ship {qty} {items} -> {city}, attn {name}",
+    "Hi, this is {name}. Could I get {qty} {items} delivered to {city}? Thanks!",
+    "Order note - item: {item}; qty: {qty}; buyer: {name}; destination: {city}",
+]
+
+
+def _plural(item: str, qty: int) -> str:
+    return item if qty == 1 else item + ("es" if item.endswith(("sh", "ch", "s")) else "s")
+
+
+def make_record(rng: random.Random) -> dict:
+    name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    city, item = rng.choice(CITIES), rng.choice(ITEMS)
+    qty = rng.choice([1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 40])
+    spoken = NUMBER_WORDS[qty] if qty in NUMBER_WORDS and rng.random() < 0.3 else str(qty)
+    note = rng.choice(NOTES).format(name=name, city=city, qty=spoken, item=item, items=_plural(item, qty))
+    answer = json.dumps({"customer": name, "item": item, "quantity": qty, "city": city})
+    return {"messages": [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": note},
+        {"role": "assistant", "content": answer},
+    ]}
+
+
+def generate(records: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [make_record(rng) for _ in range(records)]

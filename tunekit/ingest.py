@@ -1,0 +1,497 @@
+"""Read user chat/instruction JSONL files into normalised conversations, or rejects with reasons.
+
+`ingest()` is the library behind the `ingest` stage. `read_file()` is the streaming parser it runs on
+each file; it is also usable alone, e.g. to check a file before adding it to the data directory.
+
+Every input line becomes exactly one of: a Record (messages of role system/user/assistant with string
+content, plus `"train": False` where the data said so) or a Reject naming the field and the fix.
+Blank lines are neither; they are only counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
+SPLITS = ("train", "validation", "test")
+
+# The keys a line must have to be read as each format. Other keys are ignored, so user metadata
+# columns (ids, sources, scores) do not make lines unreadable.
+_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "sharegpt": ("conversations",),
+}
+_FORMAT_KEYS_HELP = "; ".join(
+    f"{fmt} needs {', '.join(json.dumps(key) for key in keys)}" for fmt, keys in _REQUIRED_KEYS.items()
+)
+_ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_BOM = b"\xef\xbb\xbf"
+_SUMMARY_REJECTS = 10
+_MISSING = object()  # marks an absent key, so "missing" and null get different messages
+
+
+class IngestError(Exception):
+    """The inputs or ingest params are unusable; the message is a multi-line summary for the user."""
+
+
+@dataclass(frozen=True)
+class Record:
+    messages: list[dict]
+    file: str
+    line: int
+    id: str  # first 16 hex chars of the sha256 of the canonical messages JSON
+
+
+@dataclass(frozen=True)
+class Reject:
+    file: str
+    line: int
+    reason: str  # short stable code, e.g. "unknown_role"
+    detail: str  # names the field and the fix
+
+
+class _Bad(Exception):
+    """Raised while checking one line; becomes that line's Reject."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def input_files(inputs: str | Path) -> list[Path]:
+    """The JSONL files to ingest: `inputs` itself, or every *.jsonl under the directory, sorted."""
+    path = Path(inputs)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        # Hidden paths are tool leftovers (.ipynb_checkpoints, .git, our own .tmp dirs) that would
+        # quietly add stale copies of the data.
+        files = sorted(
+            p for p in path.rglob("*.jsonl")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if files:
+            return files
+        raise IngestError(
+            f"input directory {path} contains no *.jsonl files (searched recursively, hidden paths skipped); "
+            "add .jsonl files there or point ingest.inputs in params.yaml at a .jsonl file"
+        )
+    raise IngestError(
+        f"input {path} does not exist; set ingest.inputs in params.yaml to a .jsonl file or a directory of them"
+    )
+
+
+def read_file(path: Path, fmt: str = "auto", max_chars: int = 16000) -> Iterator[Record | Reject]:
+    """Stream one Record or Reject per non-blank line of `path`, holding one line in memory at a time.
+
+    With fmt="auto" the file's format is taken from the first line whose keys match a format;
+    later lines of another format are rejected as wrong_format.
+    """
+    _check_read_args(fmt, max_chars)
+    return (item for item, _ in _read_lines(Path(path), fmt, max_chars) if item is not None)
+
+
+def split_of(record_id: str, validation: float, test: float) -> str:
+    """Return "train", "validation" or "test", decided by the record id alone.
+
+    The id is a content hash, so its value is uniform and fixed for the record's lifetime: appending
+    data never moves an old record, and identical records always share a split. Test takes the lowest
+    ids so that changing `validation` never changes the test set.
+    """
+    _check_fractions(validation, test)
+    position = int(record_id, 16) / 16 ** len(record_id)
+    if position < test:
+        return "test"
+    if position < test + validation:
+        return "validation"
+    return "train"
+
+
+def ingest(inputs: str | Path, out_dir: Path, fmt: str = "auto", max_chars: int = 16000,
+           max_reject_rate: float = 0.05, validation: float = 0.1, test: float = 0.1) -> dict:
+    """Read every input file and write out_dir/{train,validation,test,rejects}.jsonl; return metrics.
+
+    out_dir is replaced only when everything succeeded and the reject rate is acceptable; otherwise
+    an existing out_dir is left as it was and nothing partial is left behind.
+    """
+    _check_read_args(fmt, max_chars)
+    _check_fractions(validation, test)
+    if not 0 <= max_reject_rate <= 1:
+        raise IngestError(f"ingest.max_reject_rate is {max_reject_rate}; use a fraction in [0, 1], e.g. 0.05")
+    files = input_files(inputs)
+    out_dir = Path(out_dir)
+    _check_no_overlap(Path(inputs), out_dir)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run that happened to have our pid
+    tmp.mkdir()
+    try:
+        metrics = _write_outputs(files, tmp, fmt, max_chars, max_reject_rate, validation, test)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return metrics
+
+
+def _write_outputs(files: list[Path], tmp: Path, fmt: str, max_chars: int, max_reject_rate: float,
+                   validation: float, test: float) -> dict:
+    lines_read = blank_lines = duplicates = 0
+    by_reason: Counter[str] = Counter()
+    per_split: Counter[str] = Counter()
+    first_rejects: list[Reject] = []
+    # Only digests are kept, so memory grows by ~100 bytes per unique record, not by its text.
+    seen: set[bytes] = set()
+    with ExitStack() as stack:
+        outputs = {name: stack.enter_context(open(tmp / f"{name}.jsonl", "w", encoding="utf-8"))
+                   for name in (*SPLITS, "rejects")}
+        for path in files:
+            for item, digest in tqdm(_read_lines(path, fmt, max_chars), desc=str(path), unit=" lines",
+                                     disable=None, file=sys.stderr):
+                if item is None:
+                    blank_lines += 1
+                    continue
+                lines_read += 1
+                if isinstance(item, Reject):
+                    by_reason[item.reason] += 1
+                    if len(first_rejects) < _SUMMARY_REJECTS:
+                        first_rejects.append(item)
+                    row: dict[str, Any] = {"file": item.file, "line": item.line, "reason": item.reason,
+                                           "detail": item.detail}
+                    outputs["rejects"].write(json.dumps(row, ensure_ascii=False) + "\n")
+                    continue
+                if digest in seen:
+                    duplicates += 1
+                    continue
+                seen.add(digest)
+                split = split_of(item.id, validation, test)
+                per_split[split] += 1
+                row = {"id": item.id, "messages": item.messages, "source": f"{item.file}:{item.line}"}
+                outputs[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    rejected = sum(by_reason.values())
+    accepted = sum(per_split.values())
+    reject_rate = rejected / lines_read if lines_read else 0.0
+    if reject_rate > max_reject_rate:
+        raise IngestError(_summary(
+            f"ingest rejected {rejected} of {lines_read} lines read ({reject_rate:.2%}), above "
+            f"ingest.max_reject_rate = {max_reject_rate} ({max_reject_rate:.2%}).",
+            by_reason, first_rejects,
+            "fix: correct or remove the rejected lines in the input files and re-run, or, if these rejects are "
+            "expected, raise ingest.max_reject_rate in params.yaml.",
+        ))
+    if accepted == 0:
+        raise IngestError(_summary(
+            f"ingest accepted no records from {len(files)} file(s): {lines_read} lines read, {blank_lines} blank, "
+            f"{rejected} rejected.",
+            by_reason, first_rejects,
+            "fix: point ingest.inputs in params.yaml at files that contain data lines, or fix the rejected lines.",
+        ))
+    return {
+        "lines_read": lines_read,
+        "blank_lines": blank_lines,
+        "accepted": accepted,
+        "rejected": rejected,
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "duplicates": duplicates,
+        "reject_rate": reject_rate,
+        **{name: per_split[name] for name in SPLITS},
+        "files": len(files),
+    }
+
+
+def _summary(headline: str, by_reason: Counter[str], first_rejects: list[Reject], fix: str) -> str:
+    lines = [headline]
+    if by_reason:
+        lines.append("rejects by reason:")
+        lines += [f"  {reason}: {count}" for reason, count in by_reason.most_common()]
+        total = sum(by_reason.values())
+        shown = f"first {len(first_rejects)} of {total}" if total > len(first_rejects) else "all"
+        lines.append(f"{shown} rejects:")
+        lines += [f"  {r.file}:{r.line}: {r.reason}: {r.detail}" for r in first_rejects]
+    lines.append(fix)
+    return "\n".join(lines)
+
+
+def _check_read_args(fmt: str, max_chars: int) -> None:
+    if fmt != "auto" and fmt not in FORMATS:
+        raise IngestError(f"ingest.format is {fmt!r}; use \"auto\" or one of: {', '.join(FORMATS)}")
+    if max_chars < 1:
+        raise IngestError(f"ingest.max_chars is {max_chars}; use a positive number of characters, e.g. 16000")
+
+
+def _check_fractions(validation: float, test: float) -> None:
+    for name, value in (("validation", validation), ("test", test)):
+        if not 0 <= value < 1:
+            raise IngestError(f"ingest.{name} is {value}; use a fraction in [0, 1), e.g. 0.1")
+    if validation + test >= 1:
+        raise IngestError(
+            f"ingest.validation + ingest.test is {validation + test}; keep the sum below 1 so that data is left "
+            "to train on"
+        )
+
+
+def _check_no_overlap(inputs: Path, out_dir: Path) -> None:
+    # Replacing out_dir deletes it, and outputs inside an input directory are read back as input
+    # on the next run; both must be impossible, not just unlikely.
+    source, target = inputs.resolve(), out_dir.resolve()
+    if source.is_relative_to(target) or target.is_relative_to(source):
+        raise IngestError(
+            f"ingest output {out_dir} overlaps the inputs {inputs}: writing it would delete the inputs or "
+            "re-read old outputs as input; use an output directory outside the inputs"
+        )
+
+
+def _read_lines(path: Path, fmt: str, max_chars: int) -> Iterator[tuple[Record | Reject | None, bytes]]:
+    """One pair per physical line: (None, b"") for a blank line, else the line's Record or Reject.
+
+    A Record comes with the full sha256 of its canonical messages, which ingest dedups on; handing it
+    over saves hashing every record twice.
+    """
+    name = str(path)
+    # (format, line it was detected from); line 0 means the caller forced the format.
+    detected: tuple[str, int] | None = None if fmt == "auto" else (fmt, 0)
+    # Bytes, decoded line by line, so one line in another encoding rejects that line, not the file.
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            # Without its line ending, so that decoder errors point at a column of this line.
+            raw = raw.rstrip(b"\r\n")
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield Reject(name, line_no, "invalid_utf8",
+                             f"byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line is not valid UTF-8; "
+                             "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"), b""
+                continue
+            if not text.strip():
+                yield None, b""
+                continue
+            try:
+                obj = _parse_object(text)
+                if detected is None:
+                    found = _format_of(obj)
+                    if found is not None:
+                        detected = (found, line_no)
+                messages = _normalise(obj, detected, max_chars)
+            except _Bad as bad:
+                yield Reject(name, line_no, bad.reason, bad.detail), b""
+                continue
+            digest = _digest(messages)
+            yield Record(messages, name, line_no, digest.hex()[:16]), digest
+
+
+def _parse_object(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _Bad("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}; fix the line so that it "
+                                   "holds one complete JSON object (JSONL allows no line breaks inside a record)")
+    except RecursionError:
+        raise _Bad("invalid_json", "JSON is nested too deeply to parse; flatten the line")
+    if isinstance(obj, list):
+        raise _Bad("not_an_object", "line is a JSON list, not an object; write one object per line "
+                                    "(a JSON array file must be converted to JSONL)")
+    if not isinstance(obj, dict):
+        raise _Bad("not_an_object", f"line is {_describe(obj)}, not a JSON object; write one object per line "
+                                    "such as {\"messages\": [...]}")
+    return obj
+
+
+def _format_of(obj: dict[str, Any]) -> str | None:
+    for fmt in FORMATS:
+        if all(key in obj for key in _REQUIRED_KEYS[fmt]):
+            return fmt
+    return None
+
+
+def _normalise(obj: dict[str, Any], detected: tuple[str, int] | None, max_chars: int) -> list[dict]:
+    if detected is None:
+        raise _Bad("wrong_format", f"line has {_keys(obj)}, which match no known format, and no earlier line "
+                                   f"did either; {_FORMAT_KEYS_HELP}")
+    fmt, since = detected
+    missing = [key for key in _REQUIRED_KEYS[fmt] if key not in obj]
+    if missing:
+        origin = "as forced by ingest.format" if since == 0 else f"as detected from line {since}"
+        raise _Bad("wrong_format", f"line has {_keys(obj)} but the file is {fmt} ({origin}), which needs "
+                                   f"{', '.join(json.dumps(key) for key in missing)}; keep one format per file")
+    if fmt == "messages":
+        messages = _from_messages(obj["messages"])
+        _check_turns(messages, "messages")
+    elif fmt == "sharegpt":
+        messages = _from_sharegpt(obj["conversations"])
+        _check_turns(messages, "conversations")
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": _text(obj["prompt"], "prompt")},
+                    {"role": "assistant", "content": _text(obj["completion"], "completion")}]
+    else:
+        messages = _from_alpaca(obj)
+    total = sum(len(message["content"]) for message in messages)
+    if total > max_chars:
+        raise _Bad("too_long", f"message contents total {total} characters, above ingest.max_chars = {max_chars}; "
+                               "shorten or split the conversation, or raise ingest.max_chars in params.yaml")
+    return messages
+
+
+def _from_messages(value: Any) -> list[dict]:
+    if not isinstance(value, list):
+        raise _Bad("wrong_type", f"messages is {_describe(value)}; it must be a list of "
+                                 "{\"role\": ..., \"content\": ...} objects")
+    messages = []
+    for index, item in enumerate(value):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict):
+            raise _Bad("wrong_type", f"{where} is {_describe(item)}; it must be an object with role and content")
+        role = item.get("role", _MISSING)
+        if not isinstance(role, str):
+            raise _Bad("wrong_type", f"{where}.role is {_describe(role)}; it must be one of {', '.join(_ROLES)}")
+        if role not in _ROLES:
+            raise _Bad("unknown_role", f"{where}.role is {json.dumps(role)}; use one of {', '.join(_ROLES)}")
+        message = {"role": role, "content": _content(item.get("content", _MISSING), f"{where}.content")}
+        if "train" in item:
+            if not isinstance(item["train"], bool):
+                raise _Bad("wrong_type", f"{where}.train is {_describe(item['train'])}; use true or false")
+            # true is the default, so only false is kept: equal conversations then hash equal.
+            if not item["train"]:
+                message["train"] = False
+        messages.append(message)
+    return messages
+
+
+def _content(value: Any, where: str) -> str:
+    """A message content: a string, or OpenAI text parts joined with newlines."""
+    if not isinstance(value, list):
+        return _text(value, where, kinds="a string or a list of {\"type\": \"text\", \"text\": ...} parts")
+    texts = []
+    for index, part in enumerate(value):
+        part_where = f"{where}[{index}]"
+        if not isinstance(part, dict):
+            raise _Bad("wrong_type", f"{part_where} is {_describe(part)}; content parts must be objects like "
+                                     "{\"type\": \"text\", \"text\": \"...\"}")
+        if part.get("type") != "text":
+            raise _Bad("wrong_type", f"{part_where}.type is {_describe(part.get('type', _MISSING))}; only \"text\" "
+                                     "parts can be trained on, drop other parts from the data")
+        texts.append(_text(part.get("text", _MISSING), f"{part_where}.text", allow_empty=True))
+    joined = "\n".join(texts)
+    if not joined.strip():
+        raise _Bad("empty_content", f"{where} has no text in its parts; write the text or drop the message")
+    return joined
+
+
+def _from_sharegpt(value: Any) -> list[dict]:
+    if not isinstance(value, list):
+        raise _Bad("wrong_type", f"conversations is {_describe(value)}; it must be a list of "
+                                 "{\"from\": ..., \"value\": ...} objects")
+    messages = []
+    for index, item in enumerate(value):
+        where = f"conversations[{index}]"
+        if not isinstance(item, dict):
+            raise _Bad("wrong_type", f"{where} is {_describe(item)}; it must be an object with from and value")
+        source = item.get("from", _MISSING)
+        if not isinstance(source, str):
+            raise _Bad("wrong_type", f"{where}.from is {_describe(source)}; it must be one of "
+                                     f"{', '.join(_SHAREGPT_ROLES)}")
+        if source not in _SHAREGPT_ROLES:
+            raise _Bad("unknown_role",
+                       f"{where}.from is {json.dumps(source)}; use one of {', '.join(_SHAREGPT_ROLES)}")
+        content = _text(item.get("value", _MISSING), f"{where}.value")
+        messages.append({"role": _SHAREGPT_ROLES[source], "content": content})
+    return messages
+
+
+def _from_alpaca(obj: dict[str, Any]) -> list[dict]:
+    user = _text(obj["instruction"], "instruction")
+    # input and system are optional columns: exports from tables write them as "" or null when unused.
+    extra = _optional_text(obj.get("input"), "input")
+    if extra.strip():
+        user += "\n\n" + extra
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(obj["output"], "output")}]
+    system = _optional_text(obj.get("system"), "system")
+    if system.strip():
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def _optional_text(value: Any, where: str) -> str:
+    return "" if value is None else _text(value, where, allow_empty=True)
+
+
+def _text(value: Any, where: str, allow_empty: bool = False, kinds: str = "a string") -> str:
+    if not isinstance(value, str):
+        raise _Bad("wrong_type", f"{where} is {_describe(value)}; it must be {kinds}")
+    if not allow_empty and not value.strip():
+        raise _Bad("empty_content", f"{where} is empty or whitespace only; write the text or drop the line")
+    # JSON escapes can spell half of a surrogate pair (often a cut emoji); such text cannot be
+    # written back as UTF-8 or tokenised, so it is rejected here with its position.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _Bad("invalid_utf8", f"{where} has an unpaired surrogate \\u{ord(value[exc.start]):04x} at "
+                                       f"character {exc.start + 1}; fix or remove the broken \\u escape")
+    return value
+
+
+def _check_turns(messages: list[dict], where: str) -> None:
+    for index, message in enumerate(messages[1:], start=1):
+        if message["role"] == "system":
+            raise _Bad("misplaced_system", f"{where}[{index}] is a system message but only {where}[0] may be; "
+                                           "merge it into the first message or drop it")
+    if not any(message["role"] == "assistant" for message in messages):
+        state = "is empty" if not messages else "has no assistant message"
+        raise _Bad("no_assistant_turn", f"{where} {state}; add the assistant reply to train on")
+    if messages[-1]["role"] != "assistant":
+        raise _Bad("not_ending_with_assistant",
+                   f"{where}[{len(messages) - 1}] is the last message and has role {messages[-1]['role']}; end with "
+                   "the assistant reply, or drop the trailing messages")
+
+
+def _digest(messages: list[dict]) -> bytes:
+    canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).digest()
+
+
+def _keys(obj: dict[str, Any]) -> str:
+    if not obj:
+        return "no keys"
+    names = [json.dumps(key) for key in list(obj)[:8]]
+    more = f" and {len(obj) - 8} more" if len(obj) > 8 else ""
+    return f"keys {', '.join(names)}{more}"
+
+
+def _describe(value: Any) -> str:
+    if value is _MISSING:
+        return "missing"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{json.dumps(value)} (a boolean)"
+    if isinstance(value, (int, float)):
+        return f"{value} (a number)"
+    if isinstance(value, str):
+        # ASCII escapes keep details writable even when the value holds a lone surrogate.
+        shown = json.dumps(value[:40] + ("..." if len(value) > 40 else ""))
+        return f"{shown} (a string)"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"

