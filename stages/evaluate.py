@@ -10,6 +10,7 @@ The base model is read from the fine-tuned checkpoint's meta.json (its lineage),
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def markdown_report(results: dict[str, dict], rows: dict[str, list[dict]], shown
     for name, examples in rows.items():
         lines += [f"## {name}: first {shown} predictions", ""]
         for row in examples[:shown]:
-            lines += [f"- reference: `{row['reference']}`", f"  prediction: `{row['prediction']}`"]
+            # JSON-quoted so multi-line or fenced model output cannot break the Markdown.
+            lines += [f"- reference: {json.dumps(row['reference'], ensure_ascii=False)}",
+                      f"  prediction: {json.dumps(row['prediction'], ensure_ascii=False)}"]
         lines.append("")
     return "\n".join(lines)
 

@@ -1,0 +1,192 @@
+"""The finetune stage survives `kill -9`: a resumed run ends with the same weights as an uninterrupted one.
+
+The stage runs as a real subprocess (as DVC runs it), is SIGKILLed once it has written its first
+resumable checkpoint, and is then started again. Dropout is on, so the resumed run only matches if
+model, optimizer, scheduler, RNG and data position are all restored.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tunekit.chat import encode_conversation, resolve_chat_template
+from tunekit.io import write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+MAX_STEPS = 40
+CHECKPOINT_EVERY = 3
+ADAPTER = "adapter_model.safetensors"
+
+TOPICS = ["invoice", "parcel", "refund", "subscription", "warranty", "booking", "voucher", "account"]
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+def conversation(i: int) -> list[dict]:
+    """A varied multi-turn conversation of roughly 150-300 tokens."""
+    topic = TOPICS[i % len(TOPICS)]
+    filler = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(20 + (i * 13) % 40))
+    messages = [
+        {"role": "user", "content": f"Ticket {i}: my {topic} number {1000 + 37 * i} has a problem. Details: {filler}."},
+        {"role": "assistant", "content": json.dumps({"ticket": i, "topic": topic, "words": filler.split()[: 5 + i % 9]})},
+    ]
+    if i % 3 == 0:
+        messages += [
+            {"role": "user", "content": f"Can you also check order {i * 11} placed on day {i % 28 + 1}?"},
+            {"role": "assistant", "content": f"Order {i * 11} for {topic} is " + ("shipped. " if i % 2 else "pending. ") * (1 + i % 4)},
+        ]
+    return messages
+
+
+@pytest.fixture(scope="module")
+def tokenized(smollm2_tokenizer, tmp_path_factory) -> Path:
+    template = resolve_chat_template("model", smollm2_tokenizer)
+    rows = []
+    for i in range(60):
+        enc = encode_conversation(conversation(i), smollm2_tokenizer, template)
+        assert any(label != -100 for label in enc.labels)
+        rows.append({"id": f"c{i}", "input_ids": enc.input_ids, "labels": enc.labels})
+    lengths = sorted(len(row["input_ids"]) for row in rows)
+    assert 120 <= lengths[0] and lengths[-1] <= 400, lengths  # long enough that a step is not instant
+    data = tmp_path_factory.mktemp("tokenized")
+    write_jsonl(data / "train.jsonl", rows[:50])
+    write_jsonl(data / "validation.jsonl", rows[50:])
+    return data
+
+
+def make_project(root: Path) -> Path:
+    root.mkdir(parents=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["project"]["experiment"] = "resume-test"
+    params["finetune"].update(max_steps=MAX_STEPS, checkpoint_every=CHECKPOINT_EVERY, eval_every=5, batch_size=4,
+                              early_stopping_patience=None, threads=1)
+    params["finetune"]["lora"].update(r=4, dropout=0.1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return root
+
+
+def stage_command(root: Path, model: Path, data: Path) -> list[str]:
+    return [sys.executable, "-m", "stages.finetune", "--model", str(model), "--data", str(data),
+            "--out", str(root / "out"), "--metrics", str(root / "metrics.json"), "--plots", str(root / "plots"),
+            "--checkpoints", str(root / "checkpoints")]
+
+
+def stage_env(root: Path) -> dict[str, str]:
+    """Environment of one project's stage runs. Each project gets its own MLflow store so that two projects
+    can run at once without racing to create the same database."""
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+               HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env.pop("TUNEKIT_PARENT_RUN_ID", None)
+    env.pop("TUNEKIT_EXPERIMENT", None)
+    return env
+
+
+def step_dirs(checkpoints: Path) -> list[Path]:
+    return sorted(checkpoints.glob("*/step-*"))
+
+
+class Stages:
+    """Stage subprocesses, each logging to a file; whatever is still running at exit is killed."""
+
+    def __init__(self, model: Path, data: Path):
+        self.model, self.data, self.procs = model, data, []
+
+    def start(self, root: Path, log_name: str) -> tuple[subprocess.Popen, Path]:
+        log = root / log_name
+        with open(log, "w") as handle:
+            proc = subprocess.Popen(stage_command(root, self.model, self.data), cwd=root, env=stage_env(root),
+                                    stdout=handle, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc, log
+
+    def finish(self, proc: subprocess.Popen, log: Path) -> str:
+        proc.wait(timeout=300)
+        text = log.read_text()
+        assert proc.returncode == 0, f"{log} (rc {proc.returncode}):\n{text[-4000:]}"
+        return text
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_model_dir, tokenized, tmp_path):
+    killed, reference = make_project(tmp_path / "killed"), make_project(tmp_path / "reference")
+    with Stages(tiny_model_dir, tokenized) as stages:
+        # The uninterrupted reference run goes on beside the one that gets killed and resumed.
+        ref_proc, ref_log = stages.start(reference, "run.log")
+        proc, first_log = stages.start(killed, "first-attempt.log")
+        deadline = time.monotonic() + 240
+        while not step_dirs(killed / "checkpoints"):
+            if proc.poll() is not None:
+                pytest.fail(f"the stage exited (rc {proc.returncode}) before it wrote a checkpoint, so the kill "
+                            f"never happened:\n{first_log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint appeared within 240 s")
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, f"the stage was not killed (rc {proc.returncode})"
+        if (killed / "out").exists() or (killed / "metrics.json").exists():
+            pytest.fail("race: the kill landed after training had finished; make the run longer (max_steps) so "
+                        "the kill falls mid-training")
+        # Nothing half-written looks finished: no output directory, and every checkpoint named step-* is
+        # complete (temporary directories start with '.').
+        assert not [p for p in killed.iterdir() if p.name.startswith("out") or p.name.startswith(".out")]
+        checkpoints = step_dirs(killed / "checkpoints")
+        assert len(checkpoints) == 1, checkpoints
+        assert {p.name for p in checkpoints[0].iterdir()} >= {"trainable.safetensors", "optimizer.pt", "state.json"}
+        for entry in checkpoints[0].parent.iterdir():
+            assert entry.name.startswith((".", "step-")), entry
+        killed_at = json.loads((checkpoints[0] / "state.json").read_text())["state"]["step"]
+        assert 0 < killed_at < MAX_STEPS and killed_at % CHECKPOINT_EVERY == 0
+
+        resumed_log = stages.finish(*stages.start(killed, "second-attempt.log"))
+        stages.finish(ref_proc, ref_log)
+
+    match = re.search(r"resuming from \S+ \(step (\d+) of (\d+)\)", resumed_log)
+    assert match, f"the rerun did not resume from the checkpoint:\n{resumed_log[-4000:]}"
+    assert killed_at <= int(match.group(1)) < MAX_STEPS and int(match.group(2)) == MAX_STEPS
+    assert not step_dirs(killed / "checkpoints")  # a finished run removes its checkpoints
+
+    expected = load_file(reference / "out" / ADAPTER)
+    actual = load_file(killed / "out" / ADAPTER)
+    assert expected.keys() == actual.keys() and expected
+    # Training moved the weights (LoRA B starts at zero), so equality below is not equality of two inits.
+    assert any(t.abs().max() > 0 for name, t in expected.items() if "lora_B" in name)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    ref_metrics = json.loads((reference / "metrics.json").read_text())
+    res_metrics = json.loads((killed / "metrics.json").read_text())
+    assert res_metrics["steps"] == ref_metrics["steps"] == MAX_STEPS
+    assert res_metrics["best_step"] == ref_metrics["best_step"]
+    assert res_metrics["trained_tokens"] == ref_metrics["trained_tokens"]
+    assert res_metrics["best_val_loss"] == pytest.approx(ref_metrics["best_val_loss"], rel=1e-5)
+    assert res_metrics["final_train_loss"] == pytest.approx(ref_metrics["final_train_loss"], rel=1e-5)
+    ref_history = json.loads((reference / "out" / "history.json").read_text())
+    res_history = json.loads((killed / "out" / "history.json").read_text())
+    assert [h["step"] for h in res_history["train"]] == list(range(1, MAX_STEPS + 1))
+    assert [h["tokens"] for h in res_history["train"]] == [h["tokens"] for h in ref_history["train"]]
+    assert [h["train_loss"] for h in res_history["train"]] == pytest.approx(
+        [h["train_loss"] for h in ref_history["train"]], rel=1e-5)
+    assert [e["step"] for e in res_history["validation"]] == [e["step"] for e in ref_history["validation"]]
