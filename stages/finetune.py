@@ -30,9 +30,9 @@ from tunekit.train import TrainConfig, train
 log = logging.getLogger("tunekit")
 
 
-def run_key(params: FinetuneParams, seed: int, base_hash: str, data_hash: str) -> str:
+def run_key(params: FinetuneParams, seed: int, base_hash: str, data_hashes: dict[str, str]) -> str:
     """Checkpoints are only resumed by a run with the same params, seed, base and data."""
-    blob = json.dumps({"params": params.model_dump(), "seed": seed, "base": base_hash, "data": data_hash}, sort_keys=True)
+    blob = json.dumps({"params": params.model_dump(), "seed": seed, "base": base_hash, "data": data_hashes}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -52,8 +52,8 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     if not train_rows:
         raise SystemExit(f"{data_dir / 'train.jsonl'} holds no examples: check the ingest and template metrics")
     data_hashes = {name: content_hash(data_dir / f"{name}.jsonl") for name in ("train", "validation")}
-    base_meta = read_meta(model_dir) or {}
-    ckpt_dir = checkpoints / run_key(params, seed, base_meta.get("hash", ""), data_hashes["train"])
+    base_hash = (read_meta(model_dir) or {}).get("hash") or content_hash(model_dir)
+    ckpt_dir = checkpoints / run_key(params, seed, base_hash, data_hashes)
 
     cfg = TrainConfig(
         epochs=params.epochs, lr=params.lr, batch_size=params.batch_size, grad_accum=params.grad_accum,

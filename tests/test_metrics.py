@@ -53,23 +53,15 @@ def test_bleu_known_values_and_edge_cases():
     assert 0 < bleu(["", text], [text, text]) < 100
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: bleu() does not check lengths; sacrebleu "
-                   "silently ignores extra predictions (exact_match and rouge_l raise ValueError)")
-def test_bleu_rejects_mismatched_lengths_like_the_other_metrics():
+def test_every_metric_rejects_mismatched_lengths():
     text = "the quick brown fox jumps over the lazy dog"
-    for metric in (exact_match, rouge_l):
-        with pytest.raises(ValueError):
+    for metric in (exact_match, rouge_l, bleu):
+        with pytest.raises(ValueError, match="2 predictions for 1 references"):
             metric([text, "extra"], [text])
-    raised = False
-    try:
-        bleu([text, "extra"], [text])
-    except ValueError:
-        raised = True
-    assert raised, "bleu() scored 2 predictions against 1 reference without complaint"
+        with pytest.raises(ValueError):
+            metric(["a"], [])
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="bug: bleu([], []) raises IndexError inside sacrebleu "
-                   "while exact_match and rouge_l return 0.0 for no examples")
 def test_generation_metrics_on_no_examples_are_zero():
     assert generation_metrics([], []) == {"exact_match": 0.0, "bleu": 0.0, "rouge_l": 0.0}
 
@@ -122,6 +114,16 @@ QUESTIONS = [
     "Explain the warranty terms for order 42 in detail, " * 3,
     "ok",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The ops of a 32-wide model are tiny: extra threads only add synchronisation, and on a busy machine
+    # waiting for a descheduled thread costs far more than the work itself.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
