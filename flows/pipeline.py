@@ -11,7 +11,6 @@ stage is a `dvc repro <stage>` subprocess that opens its own MLflow child run un
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import subprocess
@@ -38,15 +37,17 @@ class DvcLocked(StageFailed):
 
 
 def _stream(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run cmd, passing its output through live, and return (exit code, last lines of output)."""
-    tail: collections.deque[str] = collections.deque(maxlen=40)
+    """Run cmd, passing its output through as it comes (progress bars redraw with \r, not newlines),
+    and return (exit code, the last lines of its output)."""
+    tail = bytearray()
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
         assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            sys.stdout.buffer.write(raw)
+        for chunk in iter(lambda: os.read(proc.stdout.fileno(), 65536), b""):
+            sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
-            tail.append(raw.decode("utf-8", "replace").rstrip().split("\r")[-1])
-    return proc.returncode, "\n".join(line for line in tail if line)
+            tail = (tail + chunk)[-16384:]
+    lines = [line.split("\r")[-1].rstrip() for line in tail.decode("utf-8", "replace").splitlines()]
+    return proc.returncode, "\n".join(line for line in lines[-40:] if line)
 
 
 def _retry_only_on_lock(task, task_run, state) -> bool:

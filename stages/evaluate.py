@@ -20,7 +20,7 @@ from tunekit.io import atomic_dir, read_jsonl, read_meta, write_json, write_json
 from tunekit.metrics import generation_metrics
 from tunekit.models import load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import EvaluateParams, ProjectParams, TemplateParams, load_section
-from tunekit.tracking import configure_logging, log_metrics, stage_run
+from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
 from tunekit.train import evaluate_loss
 
 log = logging.getLogger("tunekit")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     params: EvaluateParams = load_section("evaluate")
     template: TemplateParams = load_section("template")
 
-    with stage_run("evaluate", project.experiment, params) as mlflow:
+    with stage_run("evaluate", project.experiment, params, tags=data_tags(test=args.data / "test.jsonl")) as mlflow:
         results = run(params, template, args.model, args.data, args.tokenized, args.out)
         write_json(args.metrics, results)
         log_metrics(mlflow, results)

@@ -24,7 +24,7 @@ from tunekit.methods import get_method, parameter_counts
 from tunekit.models import load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import FinetuneParams, ProjectParams, load_section
 from tunekit.plots import loss_curve_png, write_csv
-from tunekit.tracking import configure_logging, log_metrics, stage_run
+from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
 from tunekit.train import TrainConfig, train
 
 log = logging.getLogger("tunekit")
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     project: ProjectParams = load_section("project")
     params: FinetuneParams = load_section("finetune")
 
-    with stage_run("finetune", project.experiment, params, tags={"method": params.method}) as mlflow:
+    tags = {"method": params.method, **data_tags(train=args.data / "train.jsonl", validation=args.data / "validation.jsonl")}
+    with stage_run("finetune", project.experiment, params, tags=tags) as mlflow:
         metrics, curves = run(params, project.seed, args.model, args.data, args.out, args.plots, args.checkpoints)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)

@@ -16,7 +16,7 @@ from pathlib import Path
 from tunekit.ingest import IngestError, ingest
 from tunekit.io import write_json
 from tunekit.params import IngestParams, ProjectParams, load_section
-from tunekit.tracking import configure_logging, log_metrics, stage_run
+from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
 
 log = logging.getLogger("tunekit")
 
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     project: ProjectParams = load_section("project")
     params: IngestParams = load_section("ingest")
 
-    with stage_run("ingest", project.experiment, params, tags={"data.inputs": params.inputs}) as mlflow:
+    tags = {"data.inputs_path": params.inputs, **data_tags(inputs=Path(params.inputs))}
+    with stage_run("ingest", project.experiment, params, tags=tags) as mlflow:
         try:
             metrics = run(params, args.out)
         except IngestError as exc:

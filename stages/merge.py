@@ -19,7 +19,7 @@ import torch
 from tunekit.io import atomic_dir, read_jsonl, read_meta, write_json, write_meta
 from tunekit.models import load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import MergeParams, ProjectParams, load_section
-from tunekit.tracking import configure_logging, log_metrics, stage_run
+from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
 from tunekit.train import collate
 
 log = logging.getLogger("tunekit")
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     project: ProjectParams = load_section("project")
     params: MergeParams = load_section("merge")
 
-    with stage_run("merge", project.experiment, params) as mlflow:
+    with stage_run("merge", project.experiment, params, tags=data_tags(check=args.data / "test.jsonl")) as mlflow:
         metrics = run(params, args.model, args.data, args.out)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)

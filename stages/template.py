@@ -20,7 +20,7 @@ from tunekit.chat import IGNORE_INDEX, Encoded, encode_conversation, pack, previ
 from tunekit.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from tunekit.models import load_tokenizer
 from tunekit.params import ProjectParams, TemplateParams, load_section
-from tunekit.tracking import configure_logging, log_metrics, stage_run
+from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
 
 log = logging.getLogger("tunekit")
 SPLITS = ("train", "validation", "test")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     project: ProjectParams = load_section("project")
     params: TemplateParams = load_section("template")
 
-    with stage_run("template", project.experiment, params) as mlflow:
+    with stage_run("template", project.experiment, params, tags=data_tags(ingested=args.data)) as mlflow:
         metrics = run(params, args.model, args.data, args.out, args.preview)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)

@@ -96,7 +96,10 @@ def test_flow_runs_every_stage_and_tracks_it(project):
     stage_runs = children[parents[0].info.run_id]
     assert {r.data.tags["dvc.stage"] for r in stage_runs} == STAGE_RUNS
     assert all(r.info.status == "FINISHED" for r in stage_runs)
-    assert "finetune.lora.r" in next(r for r in stage_runs if r.info.run_name == "finetune").data.params
+    finetune_run = next(r for r in stage_runs if r.info.run_name == "finetune")
+    assert "finetune.lora.r" in finetune_run.data.params
+    assert len(finetune_run.data.tags["data.train"]) == 16 and finetune_run.data.tags["method"] == "lora"
+    assert "train_loss" in finetune_run.data.metrics
     assert "evaluate.tuned.exact_match" in parents[0].data.metrics
 
 

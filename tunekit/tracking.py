@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tunekit.io import git_commit
+from tunekit.io import content_hash, git_commit
 from tunekit.params import flatten
 
 PARENT_RUN_ENV = "TUNEKIT_PARENT_RUN_ID"
@@ -66,6 +66,12 @@ def stage_run(stage: str, experiment: str, params: Any, tags: dict[str, str] | N
         yield mlflow
 
 
+def data_tags(**inputs: Path) -> dict[str, str]:
+    """`data.<name>` tags holding the content hash of each data input, so runs on different data
+    are told apart in the UI even when their params are equal."""
+    return {f"data.{name}": content_hash(path)[:16] for name, path in inputs.items() if Path(path).exists()}
+
+
 def log_metrics(mlflow: Any, metrics: dict[str, Any], prefix: str = "") -> None:
     """Log the numeric leaves of a (nested) metrics dict; strings and lists are not metrics."""
     flat = flatten(prefix, metrics)
@@ -77,3 +83,5 @@ def log_metrics(mlflow: Any, metrics: dict[str, Any], prefix: str = "") -> None:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # peft imports bitsandbytes, which warns on every CPU start about an optional kernels package.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
