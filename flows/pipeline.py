@@ -17,14 +17,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NONE as NO_CACHE
+# Before prefect is imported: its settings are read once. `make` exports these too.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from tunekit.io import git_commit
-from tunekit.params import ProjectParams, load_all
-from tunekit.tracking import PARENT_RUN_ENV, log_metrics, setup_mlflow
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
-STAGES = ("demo", "base", "ingest", "template", "finetune", "evaluate", "merge")
+from tunekit.io import git_commit  # noqa: E402
+from tunekit.params import ProjectParams, load_all  # noqa: E402
+from tunekit.tracking import PARENT_RUN_ENV, log_metrics, setup_mlflow  # noqa: E402
+
+STAGES = ("demo", "base", "ingest", "template", "finetune", "evaluate", "merge", "forgetting")
 LOCK_MESSAGE = "Unable to acquire lock"
 
 

@@ -14,11 +14,13 @@ import json
 import logging
 from pathlib import Path
 
+
 from tunekit.chat import end_of_turn_marker, resolve_chat_template
 from tunekit.generate import generate, prompts_from_conversations
-from tunekit.io import atomic_dir, read_jsonl, read_meta, write_json, write_jsonl
+from tunekit.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from tunekit.methods import load_tuned
 from tunekit.metrics import generation_metrics
-from tunekit.models import load_causal_lm, load_tokenizer, set_threads
+from tunekit.models import load_tokenizer, set_threads
 from tunekit.params import EvaluateParams, ProjectParams, TemplateParams, load_section
 from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
 from tunekit.train import evaluate_loss
@@ -26,27 +28,14 @@ from tunekit.train import evaluate_loss
 log = logging.getLogger("tunekit")
 
 
-def load_tuned(model_dir: Path):
-    """The fine-tuned adapter on top of its base (read from meta.json lineage), and the base's path."""
-    meta = read_meta(model_dir)
-    if meta is None or not meta.get("parent"):
-        raise SystemExit(f"{model_dir}/meta.json is missing or names no parent checkpoint; re-run the finetune stage")
-    base_dir = Path(meta["parent"]["path"])
-    if not meta.get("saves_adapter", True):
-        raise SystemExit(f"{model_dir}: only adapter checkpoints can be evaluated by this version")
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load_causal_lm(base_dir), str(model_dir)), base_dir
-
-
 def score(model, tokenizer, records: list[dict], tokenized: list[dict], chat_template: str, eot: str,
-          params: EvaluateParams, label: str) -> tuple[dict, list[dict]]:
+          params: EvaluateParams, label: str, full_forward: bool = False) -> tuple[dict, list[dict]]:
     prompts = prompts_from_conversations(records, tokenizer, chat_template)
     predictions = generate(model, tokenizer, prompts, eot, params.max_new_tokens, params.batch_size,
                            params.do_sample, params.temperature, params.top_p, desc=f"generate ({label})")
     references = [p.reference for p in prompts]
     metrics = generation_metrics(predictions, references)
-    lm = evaluate_loss(model, tokenized, tokenizer.pad_token_id, params.batch_size)
+    lm = evaluate_loss(model, tokenized, tokenizer.pad_token_id, params.batch_size, full_forward)
     metrics.update({"loss": lm["loss"], "perplexity": lm["perplexity"], "examples": len(prompts)})
     rows = [{"id": p.id, "model": label, "prompt": p.text, "reference": p.reference, "prediction": pred,
              "exact_match": float(pred.strip() == p.reference.strip())}
@@ -83,19 +72,22 @@ def run(params: EvaluateParams, template: TemplateParams, model_dir: Path, data_
     if not records:
         raise SystemExit(f"{data_dir / 'test.jsonl'} is empty: raise ingest.test or add data")
 
-    model, base_dir = load_tuned(model_dir)
+    tuned = load_tuned(model_dir)
+    full_forward = tuned.method.full_forward
     results, rows = {}, {}
-    # Same weights, adapter switched off: the base is scored by exactly the same harness.
-    with model.disable_adapter():
-        results["base"], rows["base"] = score(model, tokenizer, records, tokenized, chat_template, eot, params, "base")
-    results["tuned"], rows["tuned"] = score(model, tokenizer, records, tokenized, chat_template, eot, params, "tuned")
+    # The base is scored by exactly the same harness.
+    with tuned.base() as base:
+        results["base"], rows["base"] = score(base, tokenizer, records, tokenized, chat_template, eot, params, "base",
+                                              full_forward)
+    results["tuned"], rows["tuned"] = score(tuned.model, tokenizer, records, tokenized, chat_template, eot, params,
+                                            "tuned", full_forward)
     results["delta"] = {k: results["tuned"][k] - results["base"][k] for k in results["tuned"] if k != "examples"}
 
     with atomic_dir(out) as tmp:
         for name, examples in rows.items():
             write_jsonl(tmp / f"predictions_{name}.jsonl", examples)
         (tmp / "report.md").write_text(markdown_report({k: results[k] for k in ("base", "tuned")}, rows), encoding="utf-8")
-    log.info("base model %s vs tuned %s", base_dir, model_dir)
+    log.info("base model %s vs tuned %s (%s)", tuned.base_dir, model_dir, tuned.method.name)
     return results
 
 

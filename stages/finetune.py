@@ -3,6 +3,9 @@
     python -m stages.finetune --model models/base --data data/tokenized --out models/finetune \
         --metrics metrics/finetune.json --plots reports/finetune --checkpoints checkpoints/finetune
 
+The method (tunekit.methods) decides how the base is loaded, what is trained and what is saved: an
+adapter on top of the base, or full weights; meta.json records which, for evaluate and merge.
+
 Killed runs resume from the newest checkpoint under --checkpoints that matches the same params,
 data and base model; the finished output is written atomically, so DVC never sees a partial one.
 """
@@ -20,8 +23,8 @@ from pathlib import Path
 import torch
 
 from tunekit.io import atomic_dir, content_hash, read_jsonl, read_meta, write_json, write_meta
-from tunekit.methods import get_method, parameter_counts
-from tunekit.models import load_causal_lm, load_tokenizer, set_threads
+from tunekit.methods import Method, method_for, parameter_counts
+from tunekit.models import load_tokenizer, set_threads
 from tunekit.params import FinetuneParams, ProjectParams, load_section
 from tunekit.plots import loss_curve_png, write_csv
 from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
@@ -36,13 +39,23 @@ def run_key(params: FinetuneParams, seed: int, base_hash: str, data_hashes: dict
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def write_output(out: Path, method: Method, model: torch.nn.Module, tokenizer, params: dict, model_dir: Path,
+                 data_hashes: dict[str, str]) -> None:
+    """The method's checkpoint (adapter or full weights), the tokenizer, and meta.json saying which it is."""
+    method.checkpoint.save(model, out)
+    tokenizer.save_pretrained(out)
+    write_meta(out, "finetune", params, parent=model_dir, data=data_hashes,
+               extra={"method": method.name, "mergeable": method.mergeable, "saves_adapter": method.saves_adapter,
+                      "full_forward": method.full_forward})
+
+
 def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out: Path,
         plots: Path, checkpoints: Path) -> tuple[dict, dict]:
     threads = set_threads(params.threads)
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_dir)
-    method = get_method(params.method)
-    model = method.prepare(load_causal_lm(model_dir), params)
+    method = method_for(params)
+    model = method.prepare(method.load_base(model_dir), params)
     counts = parameter_counts(model)
     log.info("method %s: %d of %d parameters trainable (%.3f%%)", method.name, counts["trainable_parameters"],
              counts["total_parameters"], 100 * counts["trainable_fraction"])
@@ -60,17 +73,15 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
         max_steps=params.max_steps, schedule=params.schedule, warmup_ratio=params.warmup_ratio,
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, eval_every=params.eval_every,
         early_stopping_patience=params.early_stopping_patience, checkpoint_every=params.checkpoint_every, seed=seed,
+        full_forward=method.full_forward,
     )
     started = time.perf_counter()
     state = train(model, train_rows, val_rows, cfg, tokenizer.pad_token_id, ckpt_dir)
     seconds = time.perf_counter() - started
 
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
         write_json(tmp / "history.json", {"train": state.history, "validation": state.evals})
-        write_meta(tmp, "finetune", {"seed": seed, **params.model_dump()}, parent=model_dir, data=data_hashes,
-                   extra={"method": method.name, "mergeable": method.mergeable, "saves_adapter": method.saves_adapter})
+        write_output(tmp, method, model, tokenizer, {"seed": seed, **params.model_dump()}, model_dir, data_hashes)
     write_csv(plots / "train_loss.csv", state.history, ["step", "train_loss"])
     write_csv(plots / "val_loss.csv", state.evals, ["step", "val_loss"])
     loss_curve_png(plots / "loss.png", state.history, state.evals, f"finetune ({method.name})")

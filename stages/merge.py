@@ -6,6 +6,14 @@
 The merged checkpoint loads with plain `transformers` (no peft). Before it is accepted, its logits
 on held-out conversations are compared with the adapter model's; the stage fails if they differ by
 more than `merge.atol`.
+
+What happens depends on the method that wrote --model (its meta.json):
+- lora, dora, ia3, qlora (and mergeable `peft` types): the adapter is merged into the base loaded in
+  full precision; for qlora that is the original weights, not the 4-bit ones it was trained on, and
+  the check compares with the adapter on that same full-precision base.
+- full, freeze, head: the checkpoint already is standalone weights; it is written through unchanged
+  (and checked the same way), so the pipeline's merged output exists for every method.
+- adapter, prompt_tuning, prefix_tuning, p_tuning: refused, saying why and how to serve them instead.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tunekit.io import atomic_dir, read_jsonl, read_meta, write_json, write_meta
+from tunekit.methods import method_of_checkpoint
 from tunekit.models import load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import MergeParams, ProjectParams, load_section
 from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
@@ -42,14 +51,13 @@ def max_logit_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -
 
 
 def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict:
-    from peft import PeftModel
-
     set_threads(0)
     meta = read_meta(model_dir)
     if meta is None or not meta.get("parent"):
         raise SystemExit(f"{model_dir}/meta.json is missing or names no parent checkpoint; re-run the finetune stage")
-    if not meta.get("mergeable", False):
-        raise SystemExit(f"{model_dir}: method {meta.get('method')!r} cannot be merged into the base weights")
+    method = method_of_checkpoint(meta)
+    if method.saves_adapter and not method.mergeable:
+        raise SystemExit(f"{model_dir}: method {method.name!r} cannot be merged into the base weights: {method.why_not_mergeable}")
     base_dir = Path(meta["parent"]["path"])
     tokenizer = load_tokenizer(model_dir)
     rows = list(read_jsonl(data_dir / "test.jsonl"))[:params.check_examples] or \
@@ -58,9 +66,10 @@ def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict
         raise SystemExit(f"{data_dir}: no test or validation examples to check the merge on")
     batch = collate(rows, tokenizer.pad_token_id)  # held-out splits are never packed: one conversation per row
 
-    adapter_model = PeftModel.from_pretrained(load_causal_lm(base_dir), str(model_dir))
+    # Always the full-precision base: merging into quantised weights would bake the quantisation in.
+    adapter_model = method.checkpoint.load(model_dir, lambda: load_causal_lm(base_dir))
     adapter_logits = logits_on(adapter_model, batch)
-    merged = adapter_model.merge_and_unload()
+    merged = method.checkpoint.merge(adapter_model)
 
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -75,14 +84,14 @@ def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict
                 "the merged checkpoint was not written. Check the adapter and base match (meta.json lineage)."
             )
         write_meta(tmp, "merge", params.model_dump(), parent=model_dir,
-                   extra={"base": str(base_dir), "max_logit_difference": difference})
+                   extra={"base": str(base_dir), "method": method.name, "max_logit_difference": difference})
     return {"max_logit_difference": difference, "checked_examples": len(rows),
             "checked_tokens": int(batch["attention_mask"].sum())}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="adapter checkpoint (its meta.json names the base)")
+    parser.add_argument("--model", type=Path, required=True, help="finetune checkpoint (its meta.json names the base and method)")
     parser.add_argument("--data", type=Path, required=True, help="tokenised data directory (held-out examples)")
     parser.add_argument("--out", type=Path, required=True, help="merged checkpoint directory to write")
     parser.add_argument("--metrics", type=Path, required=True)

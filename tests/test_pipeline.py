@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGE_RUNS = {"base", "ingest", "template", "finetune", "evaluate", "merge"}
+STAGE_RUNS = {"base", "ingest", "template", "finetune", "evaluate", "merge", "forgetting"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
 
 
@@ -87,6 +87,10 @@ def test_flow_runs_every_stage_and_tracks_it(project):
     for model in ("base", "tuned"):
         assert set(metrics["evaluate"][model]) >= {"exact_match", "bleu", "rouge_l", "loss", "perplexity"}
     assert metrics["merge"]["max_logit_difference"] <= 1e-3
+    forgetting = metrics["forgetting"]
+    assert forgetting["base_cached"] is False and forgetting["probe"]["passages"] == 64
+    assert forgetting["base"]["loss_delta"] == 0 and forgetting["merged"]["loss"] == pytest.approx(forgetting["tuned"]["loss"], abs=1e-3)
+    assert (root / "reports/forgetting/report.md").is_file() and (root / "reports/forgetting/loss.png").is_file()
 
     lineage = json.loads((root / "models/finetune/meta.json").read_text())
     assert lineage["parent"]["hash"] == json.loads((root / "models/base/meta.json").read_text())["hash"]
@@ -101,6 +105,7 @@ def test_flow_runs_every_stage_and_tracks_it(project):
     assert len(finetune_run.data.tags["data.train"]) == 16 and finetune_run.data.tags["method"] == "lora"
     assert "train_loss" in finetune_run.data.metrics
     assert "evaluate.tuned.exact_match" in parents[0].data.metrics
+    assert "forgetting.tuned.relative_loss_change" in parents[0].data.metrics
 
 
 def test_second_run_is_cached_but_still_reports_every_metric(project):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -61,15 +61,66 @@ class TemplateParams(Section):
 
 
 class LoraParams(Section):
+    """LoRA adapters; also the adapters of `dora` and `qlora`."""
     r: int = Field(16, gt=0)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
 
 
+class FreezeParams(Section):
+    layers: int = Field(24, ge=0)  # bottom transformer layers frozen with the embeddings (checked against the model)
+
+
+class IA3Params(Section):
+    # Module names are Llama's (SmolLM2's); other architectures name their projections differently.
+    target_modules: str | list[str] = ["k_proj", "v_proj", "down_proj"]
+    feedforward_modules: list[str] = ["down_proj"]
+
+    @model_validator(mode="after")
+    def _feedforward_modules_are_targets(self) -> "IA3Params":
+        if isinstance(self.target_modules, list):
+            stray = [name for name in self.feedforward_modules if name not in self.target_modules]
+            if stray:
+                raise ValueError(f"feedforward_modules {stray} are not in target_modules {self.target_modules}: "
+                                 "IA3 scales only modules it targets; add them to target_modules")
+        return self
+
+
+class AdapterParams(Section):
+    bottleneck: int = Field(16, gt=0)  # width of the down-projection in each bottleneck adapter
+
+
+class VirtualTokenParams(Section):
+    """Virtual tokens of `prompt_tuning`, `prefix_tuning` and `p_tuning`."""
+    tokens: int = Field(20, gt=0)
+    init: Literal["random", "text"] = "random"
+    init_text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_init_has_text(self) -> "VirtualTokenParams":
+        if self.init == "text" and not (self.init_text or "").strip():
+            raise ValueError("init: text needs init_text (the words whose embeddings start the virtual tokens)")
+        if self.init == "random" and self.init_text is not None:
+            raise ValueError("init_text is only used with init: text; set init: text or remove init_text")
+        return self
+
+
+class PeftPassthroughParams(Section):
+    """Any other PEFT method: `type` is a peft.PeftType name, `config` its config's keyword arguments."""
+    type: str | None = None
+    config: dict[str, Any] = {}
+
+
 class FinetuneParams(Section):
-    method: Literal["lora"] = "lora"
+    method: str = "lora"
     lora: LoraParams = LoraParams()
+    freeze: FreezeParams = FreezeParams()
+    ia3: IA3Params = IA3Params()
+    adapter: AdapterParams = AdapterParams()
+    # validate_default: the cross-checks below must also run when the sub-section is left out.
+    virtual: VirtualTokenParams = Field(VirtualTokenParams(), validate_default=True)
+    peft: PeftPassthroughParams = Field(PeftPassthroughParams(), validate_default=True)
     epochs: float = Field(2, gt=0)
     max_steps: int | None = Field(None, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -83,6 +134,31 @@ class FinetuneParams(Section):
     early_stopping_patience: int | None = Field(3, gt=0)
     checkpoint_every: int = Field(20, gt=0)
     threads: int = Field(0, ge=0)
+
+    @field_validator("method")
+    @classmethod
+    def _method_is_registered(cls, name: str) -> str:
+        from tunekit.methods import METHODS  # the registry imports this module; import it only when needed
+
+        if name not in METHODS:
+            raise ValueError(f"unknown fine-tuning method; valid: {', '.join(METHODS)}")
+        return name
+
+    # Checked on the sub-section (not the whole section) so the error names finetune.peft / finetune.virtual;
+    # `method` is declared first, so it is already validated here (absent from info.data if it was bad).
+    @field_validator("peft")
+    @classmethod
+    def _peft_method_names_its_type(cls, peft: PeftPassthroughParams, info: ValidationInfo) -> PeftPassthroughParams:
+        if info.data.get("method") == "peft" and not peft.type:
+            raise ValueError("method: peft needs peft.type (a PEFT method name such as LOHA) and its peft.config")
+        return peft
+
+    @field_validator("virtual")
+    @classmethod
+    def _text_init_only_for_prompt_tuning(cls, virtual: VirtualTokenParams, info: ValidationInfo) -> VirtualTokenParams:
+        if virtual.init == "text" and info.data.get("method") in ("prefix_tuning", "p_tuning"):
+            raise ValueError(f"init: text is only supported by prompt_tuning, not {info.data['method']}; use init: random")
+        return virtual
 
 
 class EvaluateParams(Section):
@@ -99,6 +175,21 @@ class MergeParams(Section):
     check_examples: int = Field(8, gt=0)
 
 
+class ForgettingParams(Section):
+    probe: str = "pydoc"
+    probe_passages: int = Field(64, gt=0)
+    max_length: int = Field(128, ge=2)
+    batch_size: int = Field(16, gt=0)
+    threads: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _probe_is_pydoc_or_a_text_file(self) -> "ForgettingParams":
+        if self.probe != "pydoc" and not self.probe.endswith((".txt", ".jsonl")):
+            raise ValueError(f"probe {self.probe!r} must be 'pydoc', a .txt file (passages separated by blank lines) "
+                             "or a .jsonl file (one {\"text\": ...} per line)")
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     "project": ProjectParams,
     "demo": DemoParams,
@@ -108,6 +199,7 @@ SECTIONS: dict[str, type[Section]] = {
     "finetune": FinetuneParams,
     "evaluate": EvaluateParams,
     "merge": MergeParams,
+    "forgetting": ForgettingParams,
 }
 
 S = TypeVar("S", bound=Section)

@@ -88,21 +88,53 @@ def _causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over trained positions, and how many there were."""
-    decoder, lm_head = _causal_lm_parts(model)
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+class PackingWithVirtualTokens(ValueError):
+    pass
+
+
+def _uses_virtual_tokens(model: torch.nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   full_forward: bool = False) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over trained positions, and how many there were.
+
+    By default the decoder runs alone and the LM head only at trained positions. `full_forward`
+    (methods whose PeftModel.forward prepends virtual tokens: prompt, prefix and p-tuning) runs the
+    model's own forward and takes its logits instead; the count of trained tokens is the same.
+    """
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE
     count = int(selected.sum())
+    if full_forward:
+        if "position_ids" in batch:
+            raise PackingWithVirtualTokens(
+                "packed rows (template.packing: true) cannot be trained with virtual tokens: packing relies on "
+                "restarting position_ids and no attention mask, while prompt/prefix/p-tuning prepend tokens every "
+                "packed conversation would attend to. Set template.packing: false or use another method.")
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        # Prompt and p-tuning prepend their virtual positions to the logits; prefix tuning (virtual keys
+        # and values only) does not. Either way the last input_ids-length positions are the real tokens.
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:-1]
+        if count == 0:
+            return logits.sum() * 0.0, 0
+        return F.cross_entropy(logits[selected].float(), targets[selected], reduction="sum"), count
+    if _uses_virtual_tokens(model):
+        raise ValueError("this model's virtual tokens live in PeftModel.forward, which the decoder-only loss path "
+                         "skips: call with full_forward=True (Method.full_forward)")
+    decoder, lm_head = _causal_lm_parts(model)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
     if count == 0:
         return hidden.sum() * 0.0, 0
     logits = lm_head(hidden[selected])
     return F.cross_entropy(logits.float(), targets[selected], reduction="sum"), count
 
 
-def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, int]:
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
+                         full_forward: bool = False) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; returns (mean loss, trained tokens).
 
     Each micro-batch's summed loss is divided by the trained tokens of the whole step, so the
@@ -111,14 +143,15 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[st
     step_tokens = sum(trained_tokens(batch) for batch in micro_batches)
     step_loss = 0.0
     for batch in micro_batches:
-        loss_sum, _ = token_loss_sum(model, batch)
+        loss_sum, _ = token_loss_sum(model, batch, full_forward)
         (loss_sum / max(step_tokens, 1)).backward()
         step_loss += float(loss_sum.detach())
     return step_loss / max(step_tokens, 1), step_tokens
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int) -> dict[str, float]:
+def evaluate_loss(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int,
+                  full_forward: bool = False) -> dict[str, float]:
     """Mean loss over all trained tokens of `rows`, and its perplexity."""
     was_training = model.training
     model.eval()
@@ -126,7 +159,7 @@ def evaluate_loss(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         batch = collate([rows[i] for i in order[start:start + batch_size]], pad_id)
-        loss, n = token_loss_sum(model, batch)
+        loss, n = token_loss_sum(model, batch, full_forward)
         total += float(loss)
         count += n
     model.train(was_training)
@@ -152,6 +185,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     checkpoint_every: int = 20
     seed: int = 0
+    full_forward: bool = False  # Method.full_forward: the loss runs the model's own forward
 
 
 @dataclass
@@ -267,7 +301,7 @@ def train(model: torch.nn.Module, train_rows: Sequence[dict[str, Any]], val_rows
     bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     while state.step < steps and not state.stopped_early:
         micro = [micro_batch(state.step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-        step_loss, step_tokens = accumulate_gradients(model, micro)
+        step_loss, step_tokens = accumulate_gradients(model, micro, cfg.full_forward)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -278,7 +312,7 @@ def train(model: torch.nn.Module, train_rows: Sequence[dict[str, Any]], val_rows
         state.history.append({"step": state.step, "train_loss": step_loss, "lr": lr, "tokens": step_tokens})
 
         if val_rows and (state.step % cfg.eval_every == 0 or state.step == steps):
-            val = evaluate_loss(model, val_rows, pad_id, cfg.batch_size)["loss"]
+            val = evaluate_loss(model, val_rows, pad_id, cfg.batch_size, cfg.full_forward)["loss"]
             state.evals.append({"step": state.step, "val_loss": val})
             if state.best_loss is None or val < state.best_loss:
                 state.best_loss, state.best_step, state.evals_without_improvement = val, state.step, 0

@@ -1,0 +1,107 @@
+"""Stage `forgetting`: what fine-tuning cost the model on general text outside the task.
+
+    python -m stages.forgetting --model models/finetune --merged models/merged --out reports/forgetting \
+        --metrics metrics/forgetting.json --cache checkpoints/forgetting-cache
+
+Scores a general-text probe (`forgetting.probe`; default: the prose of the Python Language Reference
+shipped in `pydoc_data.topics`) with the base checkpoint, the fine-tuned model and the merged one,
+and reports each one's loss, perplexity and change against the base. The base is read from the
+fine-tuned checkpoint's meta.json (its lineage), not re-declared; its scores are cached under
+--cache, keyed by the base's hash, the probe and max_length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from tunekit.forgetting import (BaseScoreCache, ProbeError, base_scores, cache_key, checkpoint_hash, compare, load_probe,
+                                loss_bar_png, markdown_report, score, tokenize_probe)
+from tunekit.io import atomic_dir, read_meta, write_json
+from tunekit.methods import load_tuned
+from tunekit.models import load_causal_lm, load_tokenizer, set_threads
+from tunekit.params import ForgettingParams, ProjectParams, load_section
+from tunekit.tracking import configure_logging, log_metrics, stage_run
+
+log = logging.getLogger("tunekit")
+
+
+def lineage(model_dir: Path) -> tuple[Path, dict]:
+    """The base checkpoint named by the fine-tuned checkpoint's meta.json, and that meta."""
+    meta = read_meta(model_dir)
+    if meta is None or not meta.get("parent"):
+        raise SystemExit(f"{model_dir}/meta.json is missing or names no parent checkpoint; re-run the finetune stage")
+    base_dir = Path(meta["parent"]["path"])
+    if not base_dir.is_dir():
+        raise SystemExit(f"{model_dir}/meta.json names the base {base_dir}, which does not exist; re-run the base stage")
+    return base_dir, meta
+
+
+def run(params: ForgettingParams, model_dir: Path, merged_dir: Path | None, out: Path, cache_dir: Path) -> dict:
+    set_threads(params.threads)
+    base_dir, meta = lineage(model_dir)
+    try:
+        probe = load_probe(params.probe, params.probe_passages)
+        tokenizer = load_tokenizer(base_dir)  # one tokenisation of the probe for every model
+        rows = tokenize_probe(probe, tokenizer, params.max_length)
+    except ProbeError as exc:
+        raise SystemExit(str(exc)) from None
+    pad_id = tokenizer.pad_token_id
+    base_hash = checkpoint_hash(base_dir)
+    log.info("probe %s: %d passages (of %d), %d tokens scored per model", probe.source, len(rows), probe.available,
+             sum(len(r["input_ids"]) - 1 for r in rows))
+
+    key = cache_key(base_hash, probe.hash, params.max_length)
+    base, cached = base_scores(base_dir, rows, pad_id, params.batch_size, key, BaseScoreCache(cache_dir),
+                               about={"base": str(base_dir), "base_hash": base_hash, "probe": probe.source,
+                                      "probe_hash": probe.hash, "max_length": params.max_length})
+    results = {"base": compare(base, base)}
+
+    # Loaded as its method saved it (adapter, bottleneck adapters, full weights, virtual tokens).
+    tuned = load_tuned(model_dir)
+    results["tuned"] = compare(base, score(tuned.model, rows, pad_id, params.batch_size, tuned.method.full_forward))
+    del tuned
+
+    if merged_dir is not None and merged_dir.is_dir():
+        merged_meta = read_meta(merged_dir) or {}
+        if (merged_meta.get("parent") or {}).get("hash") not in (None, meta.get("hash")):
+            log.warning("%s was merged from another fine-tune than %s; re-run the merge stage", merged_dir, model_dir)
+        results["merged"] = compare(base, score(load_causal_lm(merged_dir), rows, pad_id, params.batch_size))
+    elif merged_dir is not None:
+        log.warning("no merged checkpoint at %s: only base and tuned are scored", merged_dir)
+
+    with atomic_dir(out) as tmp:
+        (tmp / "report.md").write_text(markdown_report(results, probe, params.max_length, cached), encoding="utf-8")
+        loss_bar_png(tmp / "loss.png", results, f"probe loss ({len(rows)} passages)")
+    return {**results, "base_cached": cached,
+            "probe": {"passages": len(rows), "available": probe.available, "tokens": base["tokens"]},
+            "probe_hash": probe.hash[:16]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="fine-tuned checkpoint (its meta.json names the base)")
+    parser.add_argument("--merged", type=Path, help="merged checkpoint, scored too when it exists")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the report and the bar plot")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, required=True, help="directory of the base-score cache (outside DVC outputs)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    project: ProjectParams = load_section("project")
+    params: ForgettingParams = load_section("forgetting")
+
+    with stage_run("forgetting", project.experiment, params) as mlflow:
+        metrics = run(params, args.model, args.merged, args.out, args.cache)
+        write_json(args.metrics, metrics)
+        log_metrics(mlflow, metrics)  # numbers only: base_cached (a bool) and the probe hash go in as tags
+        mlflow.set_tags({"probe": params.probe, "probe_hash": metrics["probe_hash"], "base_cached": str(metrics["base_cached"]).lower()})
+        mlflow.log_artifacts(str(args.out), artifact_path="forgetting")
+    for name in ("tuned", "merged"):
+        if name in metrics:
+            log.info("%s: loss %.4f vs base %.4f (%+.2f%%)", name, metrics[name]["loss"], metrics["base"]["loss"],
+                     100 * metrics[name]["relative_loss_change"])
+
+
+if __name__ == "__main__":
+    main()
