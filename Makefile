@@ -36,3 +36,27 @@ test: $(STAMP)
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# Operating it (docs/scale-out.md): a Prefect server on loopback, the scheduled deployment served
+# against it, DVC remote push/pull, and variants as DVC experiments.
+PREFECT_PORT ?= 4200
+PREFECT_URL := http://127.0.0.1:$(PREFECT_PORT)/api
+SCHEDULE ?= --cron "0 2 * * *"
+VARIANTS ?= --set finetune.lr=1e-3 --set finetune.lr=5e-3
+
+.PHONY: prefect-server serve push pull variants
+
+prefect-server: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+serve: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=$(PREFECT_URL) $(PY) -m flows.deploy $(SCHEDULE)
+
+push: $(STAMP)
+	$(VENV)/bin/dvc push
+
+pull: $(STAMP)
+	$(VENV)/bin/dvc pull
+
+variants: $(STAMP)
+	$(PY) -m flows.variants $(VARIANTS)

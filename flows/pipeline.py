@@ -29,7 +29,7 @@ from tunekit.io import git_commit  # noqa: E402
 from tunekit.params import ProjectParams, load_all  # noqa: E402
 from tunekit.tracking import PARENT_RUN_ENV, log_metrics, setup_mlflow  # noqa: E402
 
-STAGES = ("demo", "base", "ingest", "template", "finetune", "evaluate", "merge", "forgetting")
+STAGES = ("demo", "base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting")
 LOCK_MESSAGE = "Unable to acquire lock"
 
 
@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     metrics = pipeline(stages=args.stages, force=args.force)
     summary = metrics.get("evaluate", {})
-    if summary:
-        for name in ("base", "tuned"):
-            print(f"{name:>6}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary[name].items()))
+    for name in ("base", "few_shot", "dapt", "tuned", "merged"):
+        if isinstance(summary.get(name), dict):
+            numbers = {k: v for k, v in summary[name].items() if isinstance(v, (int, float))}
+            print(f"{name:>8}: " + ", ".join(f"{k}={v:.4g}" for k, v in numbers.items()))
 
 
 if __name__ == "__main__":

@@ -1,54 +1,134 @@
-"""Stage `evaluate`: score the base model and the fine-tuned model with one harness on the test split.
+"""Stage `evaluate`: score every checkpoint of the lineage with one harness on the test split.
 
-    python -m stages.evaluate --model models/finetune --data data/ingested --tokenized data/tokenized \
-        --out reports/evaluate --metrics metrics/evaluate.json
+    python -m stages.evaluate --model models/finetune --merged models/merged --data data/ingested \
+        --tokenized data/tokenized --out reports/evaluate --metrics metrics/evaluate.json
 
-Loss and perplexity over trained tokens; greedy generation scored with exact match, BLEU and ROUGE-L.
-The base model is read from the fine-tuned checkpoint's meta.json (its lineage), not re-declared.
+Models, side by side: `base`; `dapt` when the fine-tune's parent is a real DAPT checkpoint; `few_shot`
+(the base prompted with `evaluate.few_shot.k` train demonstrations); `tuned`; `merged` when --merged
+exists. Each gets loss and perplexity over trained tokens and the generation metrics named in
+`evaluate.metrics`; with `evaluate.code.enabled`, pass@k on HumanEval, its completions run only in
+tunekit.sandbox. The base is read from the fine-tuned checkpoint's meta.json (its lineage).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
 
-
-from tunekit.chat import end_of_turn_marker, resolve_chat_template
-from tunekit.generate import generate, prompts_from_conversations
-from tunekit.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from tunekit.chat import encode_conversation, end_of_turn_marker, resolve_chat_template
+from tunekit.generate import Prompt, few_shot_records, generate_samples, prompts_from_conversations, score_generations
+from tunekit.io import atomic_dir, read_jsonl, read_meta, write_json, write_jsonl
 from tunekit.methods import load_tuned
-from tunekit.metrics import generation_metrics
-from tunekit.models import load_tokenizer, set_threads
-from tunekit.params import EvaluateParams, ProjectParams, TemplateParams, load_section
+from tunekit.models import load_causal_lm, load_tokenizer, resolve_checkpoint, set_threads
+from tunekit.params import CodeTaskParams, EvaluateParams, ProjectParams, TemplateParams, load_section
+from tunekit.plots import write_csv
 from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
 from tunekit.train import evaluate_loss
 
 log = logging.getLogger("tunekit")
 
+# Raw-completion stops of the HumanEval harness: the function body ends where top-level code starts.
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(")
+MODEL_ORDER = ("base", "dapt", "few_shot", "tuned", "merged")
 
-def score(model, tokenizer, records: list[dict], tokenized: list[dict], chat_template: str, eot: str,
-          params: EvaluateParams, label: str, full_forward: bool = False) -> tuple[dict, list[dict]]:
-    prompts = prompts_from_conversations(records, tokenizer, chat_template)
-    predictions = generate(model, tokenizer, prompts, eot, params.max_new_tokens, params.batch_size,
-                           params.do_sample, params.temperature, params.top_p, desc=f"generate ({label})")
+
+# ---------------------------------------------------------------- lineage
+
+
+def dapt_checkpoint(model_dir: Path) -> tuple[Path | None, Path | None]:
+    """(DAPT checkpoint, the base under it) when the fine-tune's parent is a real DAPT checkpoint (meta
+    stage "dapt", no "passthrough"), else (None, None): the parent is the base itself."""
+    meta = read_meta(model_dir) or {}
+    parent = Path((meta.get("parent") or {}).get("path", ""))
+    parent_meta = read_meta(parent) if str(parent) else None
+    if not parent_meta or parent_meta.get("stage") != "dapt" or "passthrough" in parent_meta:
+        return None, None
+    if not parent_meta.get("parent"):
+        raise SystemExit(f"{parent}/meta.json (dapt) names no parent checkpoint; re-run the dapt stage")
+    return parent, Path(parent_meta["parent"]["path"])
+
+
+# ---------------------------------------------------------------- one model, one task
+
+
+def score(model, tokenizer, prompts: list[Prompt], loss_rows: list[dict], eot: str, params: EvaluateParams,
+          label: str, full_forward: bool = False, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Generation metrics named in params.metrics, plus loss and perplexity over `loss_rows`."""
+    predictions = generate_samples(model, tokenizer, prompts, eot, params.max_new_tokens, params.batch_size,
+                                   params.do_sample, params.temperature, params.top_p, params.samples, params.stop,
+                                   seed=seed, desc=f"generate ({label})")
     references = [p.reference for p in prompts]
-    metrics = generation_metrics(predictions, references)
-    lm = evaluate_loss(model, tokenized, tokenizer.pad_token_id, params.batch_size, full_forward)
+    metrics, per_sample = score_generations(predictions, references, params.metrics)
+    lm = evaluate_loss(model, loss_rows, tokenizer.pad_token_id, params.batch_size, full_forward)
     metrics.update({"loss": lm["loss"], "perplexity": lm["perplexity"], "examples": len(prompts)})
-    rows = [{"id": p.id, "model": label, "prompt": p.text, "reference": p.reference, "prediction": pred,
-             "exact_match": float(pred.strip() == p.reference.strip())}
-            for p, pred in zip(prompts, predictions)]
+    rows = [{"id": p.id, "model": label, "prompt": p.text, "reference": p.reference, "prediction": samples[0],
+             "predictions": samples, "scores": scores}
+            for p, samples, scores in zip(prompts, predictions, per_sample)]
     return metrics, rows
 
 
-def markdown_report(results: dict[str, dict], rows: dict[str, list[dict]], shown: int = 5) -> str:
-    keys = ["exact_match", "bleu", "rouge_l", "loss", "perplexity", "examples"]
-    lines = ["# Evaluation on the test split", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, metrics in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{metrics[k]:.4g}" for k in keys) + " |")
-    lines += ["", "exact_match and rouge_l are 0-1, bleu is sacrebleu's 0-100; loss is per trained token.", ""]
+def code_scores(problems: list[dict], completions: list[list[str]], code: CodeTaskParams,
+                label: str = "") -> tuple[dict, list[dict]]:
+    """Run completions through the sandbox (never in this process) and report unbiased pass@k per k,
+    with every sample's pass/fail reason."""
+    from tunekit.sandbox import check_humaneval, pass_at_k_report
+
+    results = check_humaneval(problems, completions, timeout=code.timeout)
+    report = pass_at_k_report(results, code.ks)
+    metrics = {f"pass_at_{k}": report[f"pass@{k}"] for k in code.ks}  # MLflow metric names allow no "@"
+    metrics.update({key: report[key] for key in ("problems", "samples", "passed", "reasons")})
+    rows = [{"task_id": problem["task_id"], "model": label, "completions": samples,
+             "results": [{"passed": r.passed, "reason": r.reason, "duration_s": round(r.duration_s, 3)} for r in outcome]}
+            for problem, samples, outcome in zip(problems, completions, results)]
+    return metrics, rows
+
+
+def score_code(model, tokenizer, problems: list[dict], eot: str, code: CodeTaskParams, batch_size: int, label: str,
+               seed: int = 0) -> tuple[dict, list[dict]]:
+    """HumanEval as raw completion: the problem prompt as is (no chat template), cut at the stops."""
+    prompts = [Prompt(p["task_id"], p["prompt"], "") for p in problems]
+    completions = generate_samples(model, tokenizer, prompts, eot, code.max_new_tokens, batch_size, code.do_sample,
+                                   code.temperature, code.top_p, code.samples, CODE_STOPS, strip=False, seed=seed,
+                                   desc=f"code ({label})")
+    return code_scores(problems, completions, code, label)
+
+
+# ---------------------------------------------------------------- report
+
+
+def main_metrics(results: dict[str, dict]) -> list[str]:
+    keys: list[str] = []
+    for metrics in results.values():
+        keys += [k for k, v in metrics.items() if isinstance(v, float) and k not in keys and k != "perplexity"]
+        keys += [f"code.{k}" for k in metrics.get("code", {}) if k.startswith("pass_at_") and f"code.{k}" not in keys]
+    return keys
+
+
+def _value(metrics: dict, key: str) -> float | None:
+    for part in key.split("."):
+        metrics = metrics.get(part) if isinstance(metrics, dict) else None
+    return metrics if isinstance(metrics, (int, float)) else None
+
+
+def table_rows(results: dict[str, dict]) -> tuple[list[str], list[dict]]:
+    keys = main_metrics(results) + ["perplexity", "examples"]
+    return ["model", *keys], [{"model": name, **{k: _value(m, k) for k in keys}} for name, m in results.items()]
+
+
+def markdown_report(results: dict[str, dict], rows: dict[str, list[dict]], checkpoints: dict[str, str],
+                    shown: int = 5) -> str:
+    columns, table = table_rows(results)
+    lines = ["# Evaluation on the test split", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for row in table:
+        cells = [row["model"]] + ["-" if row[k] is None else f"{row[k]:.4g}" for k in columns[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "exact_match, rouge*, squad_* and pass_at_k are 0-1; bleu and chrf are sacrebleu's 0-100; loss is per "
+              "trained token (few_shot: the test answer's tokens after the demonstrations).", "",
+              "checkpoints: " + ", ".join(f"{name} = `{path}`" for name, path in checkpoints.items()), "",
+              "![main metrics per model](metrics.png)", ""]
     for name, examples in rows.items():
         lines += [f"## {name}: first {shown} predictions", ""]
         for row in examples[:shown]:
@@ -59,8 +139,36 @@ def markdown_report(results: dict[str, dict], rows: dict[str, list[dict]], shown
     return "\n".join(lines)
 
 
+def metrics_png(path: Path, results: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = main_metrics(results)
+    names = list(results)
+    cols = min(4, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), dpi=100, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key in zip(axes.flat, keys):
+        values = [_value(results[n], key) for n in names]
+        ax.bar(range(len(names)), [v or 0.0 for v in values], color=[colors[i % len(colors)] for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(key, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the stage
+
+
 def run(params: EvaluateParams, template: TemplateParams, model_dir: Path, data_dir: Path, tokenized_dir: Path,
-        out: Path) -> dict:
+        out: Path, merged_dir: Path | None = None, seed: int = 0) -> dict:
     set_threads(0)
     tokenizer = load_tokenizer(model_dir)
     chat_template = resolve_chat_template(template.chat_template, tokenizer)
@@ -71,32 +179,93 @@ def run(params: EvaluateParams, template: TemplateParams, model_dir: Path, data_
         records, tokenized = records[:params.max_examples], tokenized[:params.max_examples]
     if not records:
         raise SystemExit(f"{data_dir / 'test.jsonl'} is empty: raise ingest.test or add data")
+    prompts = prompts_from_conversations(records, tokenizer, chat_template)
+
+    few_shot_prompts, few_shot_rows = None, None
+    if params.few_shot is not None:
+        train = list(read_jsonl(data_dir / "train.jsonl"))
+        try:
+            shots = few_shot_records(records, train, params.few_shot.k, seed)
+        except ValueError as exc:
+            raise SystemExit(f"evaluate.few_shot: {exc}") from None
+        few_shot_prompts = prompts_from_conversations(shots, tokenizer, chat_template)
+        few_shot_rows = []
+        for shot in shots:
+            enc = encode_conversation(shot["messages"], tokenizer, chat_template, template.train_on)
+            few_shot_rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
+
+    problems = []
+    if params.code.enabled:
+        from tunekit.sandbox import load_humaneval
+
+        problems = load_humaneval(params.code.problems)
 
     tuned = load_tuned(model_dir)
     full_forward = tuned.method.full_forward
-    results, rows = {}, {}
-    # The base is scored by exactly the same harness.
-    with tuned.base() as base:
-        results["base"], rows["base"] = score(base, tokenizer, records, tokenized, chat_template, eot, params, "base",
-                                              full_forward)
-    results["tuned"], rows["tuned"] = score(tuned.model, tokenizer, records, tokenized, chat_template, eot, params,
-                                            "tuned", full_forward)
-    results["delta"] = {k: results["tuned"][k] - results["base"][k] for k in results["tuned"] if k != "examples"}
+    dapt_dir, root_base = dapt_checkpoint(model_dir)
+    checkpoints = {"base": str(resolve_checkpoint(root_base or tuned.base_dir))}
+    results, rows, code_rows = {}, {}, {}
+
+    def harness(label: str, model, ff: bool = False) -> None:
+        # Every model goes through exactly these calls: same prompts, decoding, metrics and sandbox.
+        results[label], rows[label] = score(model, tokenizer, prompts, tokenized, eot, params, label, ff, seed)
+        if problems:
+            results[label]["code"], code_rows[label] = score_code(model, tokenizer, problems, eot, params.code,
+                                                                   params.batch_size, label, seed)
+
+    base_context = (contextlib.nullcontext(tuned.method.load_base(root_base)) if root_base is not None
+                    else tuned.base())
+    with base_context as base:
+        harness("base", base, full_forward and root_base is None)
+        if few_shot_prompts is not None:
+            results["few_shot"], rows["few_shot"] = score(base, tokenizer, few_shot_prompts, few_shot_rows, eot, params,
+                                                          "few_shot", full_forward and root_base is None, seed)
+            results["few_shot"]["demonstrations"] = params.few_shot.k
+            for row, shot in zip(rows["few_shot"], shots):
+                row["demonstrations"] = shot["demonstrations"]
+    if dapt_dir is not None:
+        checkpoints["dapt"] = str(dapt_dir)
+        with tuned.base() as dapt:
+            harness("dapt", dapt, full_forward)
+    else:
+        log.info("no DAPT checkpoint in the lineage of %s: dapt is not scored", model_dir)
+    checkpoints["tuned"] = str(model_dir)
+    harness("tuned", tuned.model, full_forward)
+    del tuned
+    if merged_dir is not None and merged_dir.is_dir():
+        checkpoints["merged"] = str(merged_dir)
+        harness("merged", load_causal_lm(merged_dir))
+    elif merged_dir is not None:
+        log.warning("no merged checkpoint at %s: it is not scored", merged_dir)
+
+    results = {name: results[name] for name in MODEL_ORDER if name in results}
+    rows = {name: rows[name] for name in MODEL_ORDER if name in rows}
+    models = dict(results)
+    numeric = [k for k, v in results["tuned"].items() if isinstance(v, float)]
+    results["delta"] = {k: results["tuned"][k] - results["base"][k] for k in numeric}
+    if "few_shot" in results:
+        results["delta_over_few_shot"] = {k: results["tuned"][k] - results["few_shot"][k] for k in numeric}
 
     with atomic_dir(out) as tmp:
         for name, examples in rows.items():
             write_jsonl(tmp / f"predictions_{name}.jsonl", examples)
-        (tmp / "report.md").write_text(markdown_report({k: results[k] for k in ("base", "tuned")}, rows), encoding="utf-8")
-    log.info("base model %s vs tuned %s (%s)", tuned.base_dir, model_dir, tuned.method.name)
-    return results
+        for name, examples in code_rows.items():
+            write_jsonl(tmp / f"code_{name}.jsonl", examples)
+        columns, table = table_rows(models)
+        write_csv(tmp / "report.csv", table, columns)
+        metrics_png(tmp / "metrics.png", models)
+        (tmp / "report.md").write_text(markdown_report(models, rows, checkpoints), encoding="utf-8")
+    log.info("scored %s (base %s, tuned %s)", ", ".join(models), checkpoints["base"], model_dir)
+    return {**results, "checkpoints": checkpoints}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="fine-tuned checkpoint (its meta.json names the base)")
-    parser.add_argument("--data", type=Path, required=True, help="ingested data directory (test.jsonl)")
+    parser.add_argument("--merged", type=Path, help="merged checkpoint, scored too when it exists")
+    parser.add_argument("--data", type=Path, required=True, help="ingested data directory (test.jsonl, train.jsonl)")
     parser.add_argument("--tokenized", type=Path, required=True, help="tokenised data directory (test.jsonl)")
-    parser.add_argument("--out", type=Path, required=True, help="directory for predictions and the report")
+    parser.add_argument("--out", type=Path, required=True, help="directory for predictions, the report and plots")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args(argv)
     configure_logging()
@@ -105,12 +274,16 @@ def main(argv: list[str] | None = None) -> None:
     template: TemplateParams = load_section("template")
 
     with stage_run("evaluate", project.experiment, params, tags=data_tags(test=args.data / "test.jsonl")) as mlflow:
-        results = run(params, template, args.model, args.data, args.tokenized, args.out)
+        results = run(params, template, args.model, args.data, args.tokenized, args.out, args.merged, project.seed)
         write_json(args.metrics, results)
-        log_metrics(mlflow, results)
+        log_metrics(mlflow, {k: v for k, v in results.items() if k != "checkpoints"})
         mlflow.log_artifacts(str(args.out), artifact_path="evaluate")
-    for name in ("base", "tuned"):
-        log.info("%s: %s", name, {k: round(v, 4) for k, v in results[name].items()})
+        columns, table = table_rows({name: results[name] for name in MODEL_ORDER if name in results})
+        mlflow.log_table({c: [float("nan") if row[c] is None else row[c] for row in table] for c in columns},
+                         artifact_file="evaluate/table.json")
+    for name in MODEL_ORDER:
+        if name in results:
+            log.info("%s: %s", name, {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)})
 
 
 if __name__ == "__main__":

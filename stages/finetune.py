@@ -8,15 +8,30 @@ adapter on top of the base, or full weights; meta.json records which, for evalua
 
 Killed runs resume from the newest checkpoint under --checkpoints that matches the same params,
 data and base model; the finished output is written atomically, so DVC never sees a partial one.
+
+Several processes: `finetune.processes: N` (N > 1) makes the stage re-launch itself as
+`python -m torch.distributed.run --standalone --nproc_per_node N -m stages.finetune <same args>`;
+each worker joins a gloo (CPU) or nccl (CUDA) process group, trains its shard of every global batch
+(batch_size * grad_accum * N rows per optimizer step; see tunekit/train.py) and rank 0 alone writes
+checkpoints, outputs, plots, metrics and the MLflow run. Multi-GPU recipes (DDP, FSDP, DeepSpeed):
+docs/multi_gpu.md.
+
+Optional extras (finetune.*): replay rows of general text in every batch, and a forgetting curve
+(probe loss every N steps: MLflow metric `probe_loss`, forgetting_curve.csv/.png under --plots).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import hashlib
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,10 +40,10 @@ import torch
 from tunekit.io import atomic_dir, content_hash, read_jsonl, read_meta, write_json, write_meta
 from tunekit.methods import Method, method_for, parameter_counts
 from tunekit.models import load_tokenizer, set_threads
-from tunekit.params import FinetuneParams, ProjectParams, load_section
+from tunekit.params import FinetuneParams, ProjectParams, TemplateParams, load_section
 from tunekit.plots import loss_curve_png, write_csv
 from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
-from tunekit.train import TrainConfig, train
+from tunekit.train import BF16_ON_CPU, TrainConfig, barrier, dist_info, replay_lm_rows, train
 
 log = logging.getLogger("tunekit")
 
@@ -49,13 +64,76 @@ def write_output(out: Path, method: Method, model: torch.nn.Module, tokenizer, p
                       "full_forward": method.full_forward})
 
 
+def general_text_rows(params: FinetuneParams, tokenizer, replay_max_length: int) -> tuple[list[dict], list[dict]]:
+    """(replay rows, probe rows) from tunekit.forgetting's probe loaders. Replay passages never include
+    the probe's passages, so the forgetting curve measures text the model was not trained on."""
+    from tunekit.forgetting import load_probe, tokenize_probe
+
+    probe_rows: list[dict] = []
+    held_out: set[str] = set()
+    if params.forgetting_every_n_steps or params.replay.ratio > 0:
+        probe = load_probe(params.probe.source, params.probe.passages)
+        held_out = set(probe.passages)
+        if params.forgetting_every_n_steps:
+            probe_rows = tokenize_probe(probe, tokenizer, params.probe.max_length)
+    replay_rows: list[dict] = []
+    if params.replay.ratio > 0:
+        passages = [p for p in load_probe(params.replay.source, 10**9).passages if p not in held_out]
+        ids = tokenizer(passages, truncation=True, max_length=replay_max_length)["input_ids"] if passages else []
+        replay_rows = replay_lm_rows(ids, replay_max_length)
+        if not replay_rows:
+            raise SystemExit(f"finetune.replay.source {params.replay.source!r}: no passage left for replay after "
+                             f"leaving out the {len(held_out)} probe passages (finetune.probe)")
+        log.info("replay: %d general-text rows from %s, %d of every %d rows per batch", len(replay_rows),
+                 params.replay.source, round(params.replay.ratio * params.batch_size * params.processes),
+                 params.batch_size * params.processes)
+    return replay_rows, probe_rows
+
+
+def forgetting_curve_png(path: Path, probes: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([p["step"] for p in probes], [p["probe_loss"] for p in probes], "o-", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("general-text probe loss per token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _load_for_training(method: Method, model_dir: Path, device: torch.device) -> torch.nn.Module:
+    if device.type == "cuda" and method.name == "qlora":
+        torch.cuda.set_device(device)
+        return method.load_base(model_dir, device="cuda")  # load_4bit: bf16 compute on CUDA
+    model = method.load_base(model_dir)
+    return model.to(device) if device.type == "cuda" else model
+
+
 def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out: Path,
-        plots: Path, checkpoints: Path) -> tuple[dict, dict]:
-    threads = set_threads(params.threads)
+        plots: Path, checkpoints: Path, template_max_length: int = 512) -> tuple[dict, dict]:
+    rank, world = dist_info()
+    device = _device()
+    if params.precision == "bf16" and device.type != "cuda":
+        raise SystemExit(BF16_ON_CPU)
+    # threads 0 = all cores, shared evenly by the processes of one run
+    threads = set_threads(params.threads or (max(1, (os.cpu_count() or 1) // world) if world > 1 else 0))
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_dir)
     method = method_for(params)
-    model = method.prepare(method.load_base(model_dir), params)
+    model = method.prepare(_load_for_training(method, model_dir, device), params)
     counts = parameter_counts(model)
     log.info("method %s: %d of %d parameters trainable (%.3f%%)", method.name, counts["trainable_parameters"],
              counts["total_parameters"], 100 * counts["trainable_fraction"])
@@ -67,25 +145,38 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     data_hashes = {name: content_hash(data_dir / f"{name}.jsonl") for name in ("train", "validation")}
     base_hash = (read_meta(model_dir) or {}).get("hash") or content_hash(model_dir)
     ckpt_dir = checkpoints / run_key(params, seed, base_hash, data_hashes)
+    replay_rows, probe_rows = general_text_rows(params, tokenizer, params.replay.max_length or template_max_length)
 
     cfg = TrainConfig(
         epochs=params.epochs, lr=params.lr, batch_size=params.batch_size, grad_accum=params.grad_accum,
         max_steps=params.max_steps, schedule=params.schedule, warmup_ratio=params.warmup_ratio,
         weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, eval_every=params.eval_every,
         early_stopping_patience=params.early_stopping_patience, checkpoint_every=params.checkpoint_every, seed=seed,
-        full_forward=method.full_forward,
+        full_forward=method.full_forward, layer_lr_decay=params.layer_lr_decay, head_lr=params.head_lr,
+        l2_to_init=params.l2_to_init, replay_ratio=params.replay.ratio,
+        forgetting_every=params.forgetting_every_n_steps, precision=params.precision,
     )
     started = time.perf_counter()
-    state = train(model, train_rows, val_rows, cfg, tokenizer.pad_token_id, ckpt_dir)
+    state = train(model, train_rows, val_rows, cfg, tokenizer.pad_token_id, ckpt_dir,
+                  replay_rows=replay_rows or None, probe_rows=probe_rows or None)
     seconds = time.perf_counter() - started
 
-    with atomic_dir(out) as tmp:
-        write_json(tmp / "history.json", {"train": state.history, "validation": state.evals})
-        write_output(tmp, method, model, tokenizer, {"seed": seed, **params.model_dump()}, model_dir, data_hashes)
-    write_csv(plots / "train_loss.csv", state.history, ["step", "train_loss"])
-    write_csv(plots / "val_loss.csv", state.evals, ["step", "val_loss"])
-    loss_curve_png(plots / "loss.png", state.history, state.evals, f"finetune ({method.name})")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if rank == 0:  # the other ranks hold the same weights and history; one writer
+        with atomic_dir(out) as tmp:
+            write_json(tmp / "history.json", {"train": state.history, "validation": state.evals,
+                                              **({"probe": state.probes} if state.probes else {})})
+            write_output(tmp, method, model.cpu() if device.type == "cuda" and method.name != "qlora" else model,
+                         tokenizer, {"seed": seed, **params.model_dump()}, model_dir, data_hashes)
+        write_csv(plots / "train_loss.csv", state.history, ["step", "train_loss"])
+        write_csv(plots / "val_loss.csv", state.evals, ["step", "val_loss"])
+        loss_curve_png(plots / "loss.png", state.history, state.evals, f"finetune ({method.name})")
+        # Always written (header only when the curve is off) so dvc.yaml can declare it as a plot.
+        write_csv(plots / "forgetting_curve.csv", state.probes, ["step", "probe_loss"])
+        if state.probes:
+            forgetting_curve_png(plots / "forgetting_curve.png", state.probes,
+                                 f"forgetting curve ({method.name}): loss on {params.probe.source}")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    barrier()
 
     tokens = sum(h["tokens"] for h in state.history)
     metrics = {
@@ -100,7 +191,20 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
         "trained_tokens_per_second": tokens / max(seconds, 1e-9),
         "threads": threads,
     }
-    return metrics, {"history": state.history, "evals": state.evals}
+    if world > 1:
+        metrics["processes"] = world
+    if state.probes:
+        metrics["probe_loss_start"] = state.probes[0]["probe_loss"]
+        metrics["probe_loss_final"] = state.probes[-1]["probe_loss"]
+    if replay_rows:
+        metrics["replay_tokens"] = sum(h.get("replay_tokens", 0) for h in state.history)
+    return metrics, {"history": state.history, "evals": state.evals, "probes": state.probes}
+
+
+def torchrun_command(processes: int, argv: list[str]) -> list[str]:
+    """The command that runs this stage as `processes` workers on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "stages.finetune", *argv]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,18 +219,44 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     project: ProjectParams = load_section("project")
     params: FinetuneParams = load_section("finetune")
+    template: TemplateParams = load_section("template")  # replay rows are cut to template.max_length by default
+
+    if params.processes > 1 and "LOCAL_RANK" not in os.environ:
+        command = torchrun_command(params.processes, list(sys.argv[1:] if argv is None else argv))
+        log.info("finetune.processes = %d: %s", params.processes, " ".join(command))
+        raise SystemExit(subprocess.call(command))
+    distributed = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                             timeout=datetime.timedelta(minutes=30))
+    rank, world = dist_info()
+    log.info("rank %d of %d", rank, world)
+    if rank != 0:
+        logging.getLogger("tunekit").setLevel(logging.WARNING)  # one voice in the log
 
     tags = {"method": params.method, **data_tags(train=args.data / "train.jsonl", validation=args.data / "validation.jsonl")}
-    with stage_run("finetune", project.experiment, params, tags=tags) as mlflow:
-        metrics, curves = run(params, project.seed, args.model, args.data, args.out, args.plots, args.checkpoints)
-        write_json(args.metrics, metrics)
-        log_metrics(mlflow, metrics)
-        for point in curves["history"]:
-            mlflow.log_metrics({"train_loss": point["train_loss"], "lr": point["lr"]}, step=point["step"])
-        for point in curves["evals"]:
-            mlflow.log_metric("val_loss", point["val_loss"], step=point["step"])
-        mlflow.log_artifact(str(args.plots / "loss.png"))
-    log.info("finetune done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    tracked = stage_run("finetune", project.experiment, params, tags=tags) if rank == 0 else contextlib.nullcontext()
+    try:
+        with tracked as mlflow:
+            metrics, curves = run(params, project.seed, args.model, args.data, args.out, args.plots, args.checkpoints,
+                                  template.max_length)
+            if rank == 0:
+                write_json(args.metrics, metrics)
+                log_metrics(mlflow, metrics)
+                for point in curves["history"]:
+                    mlflow.log_metrics({"train_loss": point["train_loss"], "lr": point["lr"]}, step=point["step"])
+                for point in curves["evals"]:
+                    mlflow.log_metric("val_loss", point["val_loss"], step=point["step"])
+                for point in curves["probes"]:
+                    mlflow.log_metric("probe_loss", point["probe_loss"], step=point["step"])
+                mlflow.log_artifact(str(args.plots / "loss.png"))
+                if curves["probes"]:
+                    mlflow.log_artifact(str(args.plots / "forgetting_curve.png"))
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        log.info("finetune done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
 
 
 if __name__ == "__main__":

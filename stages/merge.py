@@ -3,7 +3,9 @@
     python -m stages.merge --model models/finetune --data data/tokenized --out models/merged \
         --metrics metrics/merge.json
 
-The merged checkpoint loads with plain `transformers` (no peft). Before it is accepted, its logits
+The merged checkpoint loads with plain `transformers` (no peft). It is also logged to the stage's
+MLflow run as a transformers model and registered as a new version of `merge.registered_model`, with
+the alias `candidate` (skip with `registered_model: null`). Before it is accepted, its logits
 on held-out conversations are compared with the adapter model's; the stage fails if they differ by
 more than `merge.atol`.
 
@@ -89,6 +91,40 @@ def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict
             "checked_tokens": int(batch["attention_mask"].sum())}
 
 
+REGISTRY_ALIAS = "candidate"
+
+
+def register_merged(mlflow, model_dir: Path, name: str) -> str:
+    """Log the merged checkpoint to the active run as an MLflow transformers model (text-generation
+    pipeline), register it as a new version of `name` and point the alias `candidate` at it.
+    Returns the version. Loads back offline with `mlflow.transformers.load_model("models:/<name>@candidate")`.
+
+    The checkpoint is loaded from its absolute path: MLflow looks up a model card for the model's
+    `name_or_path`, and a path is no valid hub id, so that look-up fails at once instead of asking the
+    network. Requirements are pinned here rather than inferred (inference loads the model again in a
+    subprocess).
+    """
+    from importlib.metadata import version
+
+    from mlflow import transformers as mlflow_transformers
+    from transformers import pipeline
+
+    model_dir = model_dir.resolve()
+    generator = pipeline("text-generation", model=load_causal_lm(model_dir), tokenizer=load_tokenizer(model_dir))
+    requirements = [f"{package}=={version(package)}" for package in ("torch", "transformers", "safetensors", "accelerate")]
+    info = mlflow_transformers.log_model(generator, name="merged_model", registered_model_name=name,
+                                         pip_requirements=requirements, await_registration_for=60)
+    registered = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, REGISTRY_ALIAS, registered)
+    meta = read_meta(model_dir) or {}
+    for key, value in {"dvc.stage": "merge", "method": meta.get("method"), "checkpoint": str(model_dir)}.items():
+        if value:
+            client.set_model_version_tag(name, registered, key, str(value))
+    log.info("registered %s version %s (alias %r) from %s", name, registered, REGISTRY_ALIAS, model_dir)
+    return registered
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="finetune checkpoint (its meta.json names the base and method)")
@@ -104,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = run(params, args.model, args.data, args.out)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)
+        if params.registered_model:
+            mlflow.set_tag("registered_model", f"{params.registered_model}/{register_merged(mlflow, args.out, params.registered_model)}")
     log.info("merged checkpoint written to %s: %s", args.out, metrics)
 
 

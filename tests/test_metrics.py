@@ -7,8 +7,8 @@ import torch
 from rouge_score import rouge_scorer
 
 from tunekit.chat import end_of_turn_marker, render, resolve_chat_template
-from tunekit.generate import Prompt, generate, prompts_from_conversations, stop_token_ids
-from tunekit.metrics import bleu, exact_match, generation_metrics, rouge_l
+from tunekit.generate import Prompt, generate, generate_samples, prompts_from_conversations, score_generations, stop_token_ids
+from tunekit.metrics import bleu, chrf, exact_match, generation_metrics, rouge, rouge_l
 from tunekit.models import load_causal_lm, load_tokenizer
 
 PREDICTIONS = [
@@ -254,3 +254,48 @@ def test_generate_respects_max_new_tokens(model, tokenizer, template, records, m
         assert out == tokenizer.decode(tokens, skip_special_tokens=True).strip()
         # Greedy decoding is prefix-consistent: a shorter budget gives a prefix of the longer answer.
         assert full.startswith(out)
+
+
+def test_stop_sequences_cut_the_greedy_answer_before_them(model, tokenizer, template, records):
+    prompts = prompts_from_conversations(records, tokenizer, template)
+    eot = end_of_turn_marker(tokenizer, template)
+    full = generate(model, tokenizer, prompts, eot, 16, batch_size=len(prompts))
+    # A stop string taken from inside one answer: that answer ends right before it, the others are unchanged
+    # unless they contain it too.
+    target = next(a for a in full if len(a) > 6)
+    stop = target[3:6]
+    cut = generate(model, tokenizer, prompts, eot, 16, batch_size=len(prompts), stop=[stop])
+    for before, after in zip(full, cut):
+        assert after == before.split(stop)[0].strip()
+    assert cut[full.index(target)] == target[:3].strip()
+
+
+def test_samples_per_prompt_are_seeded_and_raw_completions_keep_indentation(model, tokenizer, template, records):
+    prompts = prompts_from_conversations(records, tokenizer, template)[:3]
+    eot = end_of_turn_marker(tokenizer, template)
+    draw = lambda seed: generate_samples(model, tokenizer, prompts, eot, 6, 4, do_sample=True, samples=3, seed=seed)
+    first = draw(11)
+    assert len(first) == 3 and all(len(s) == 3 for s in first)
+    assert first == draw(11) and first != draw(12)
+    assert len({a for s in first for a in s}) > 3  # sampling, not copies of one answer
+    with pytest.raises(ValueError, match="identical"):
+        generate_samples(model, tokenizer, prompts, eot, 6, 4, do_sample=False, samples=2)
+    raw = generate_samples(model, tokenizer, [Prompt("c", "def f(x):\n", "")], eot, 8, 1, strip=False)[0][0]
+    # Only trailing whitespace goes: a code body keeps the indentation it starts with.
+    assert raw.strip() == generate(model, tokenizer, [Prompt("c", "def f(x):\n", "")], eot, 8, 1)[0]
+    assert raw == raw.rstrip()
+
+
+def test_score_generations_uses_the_metric_functions_set_wide_and_per_sample():
+    predictions = [["the cat sat", "a cat"], ["on the mat", "on the mat"]]
+    references = ["the cat sat", "on a mat"]
+    corpus, per_sample = score_generations(predictions, references, ["exact_match", "chrf", "rouge"])
+    first, second = [p[0] for p in predictions], [p[1] for p in predictions]
+    assert corpus["exact_match"] == pytest.approx((exact_match(first, references) + exact_match(second, references)) / 2)
+    assert corpus["chrf"] == pytest.approx((chrf(first, references) + chrf(second, references)) / 2)
+    assert corpus["rougeLsum"] == pytest.approx((rouge(first, references)["rougeLsum"] + rouge(second, references)["rougeLsum"]) / 2)
+    assert set(corpus) == {"exact_match", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert per_sample[0][0]["exact_match"] == 1.0 and per_sample[0][1]["exact_match"] == 0.0
+    assert per_sample[1][1]["chrf"] == pytest.approx(chrf(["on the mat"], ["on a mat"]))
+    with pytest.raises(ValueError, match="unknown metrics"):
+        score_generations(predictions, references, ["meteor"])

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGE_RUNS = {"base", "ingest", "template", "finetune", "evaluate", "merge", "forgetting"}
+STAGE_RUNS = {"base", "ingest", "template", "dapt", "finetune", "evaluate", "merge", "forgetting"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
 
 
@@ -94,6 +94,11 @@ def test_flow_runs_every_stage_and_tracks_it(project):
 
     lineage = json.loads((root / "models/finetune/meta.json").read_text())
     assert lineage["parent"]["hash"] == json.loads((root / "models/base/meta.json").read_text())["hash"]
+    # dapt is off by default: models/dapt passes the base through (meta.json only) and finetune starts from it.
+    assert lineage["parent"]["path"] == "models/dapt" and metrics["dapt"] == {"enabled": 0}
+    assert [p.name for p in (root / "models/dapt").iterdir()] == ["meta.json"]
+    assert json.loads((root / "models/dapt/meta.json").read_text())["passthrough"] == "models/base"
+    assert (root / "data/domain/corpus.txt").is_file()
 
     parents, children = runs_by_parent(root)
     assert len(parents) == 1

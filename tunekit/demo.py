@@ -61,3 +61,52 @@ def make_record(rng: random.Random) -> dict:
 def generate(records: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [make_record(rng) for _ in range(records)]
+
+
+# ---------------------------------------------------------------- domain corpus (raw text for the dapt stage)
+
+# Prose of the demo task's domain (order notes, shipping updates, customer service), written as
+# documents: what a shop's ticket system or mail archive holds, not question/answer pairs.
+DOMAIN_OPENINGS = [
+    "Order note for {name} in {city}: {qty} {items}.",
+    "Ticket from {name} ({city}) about an order of {qty} {items}.",
+    "Shipping update: {qty} {items} for {name} left the warehouse for {city} this morning.",
+    "Dear {name}, thank you for ordering {qty} {items} from our shop.",
+    "Internal note: {name} called from {city} to ask about {qty} {items}.",
+    "Return request: {name} in {city} wants to send back {qty} {items}.",
+]
+DOMAIN_MIDDLES = [
+    "The parcel is packed in two boxes and the courier collects it before noon.",
+    "Payment was confirmed by card, so the order moved straight to picking.",
+    "Deliveries to {city} usually take two to three working days.",
+    "The customer asked for the {item} to be gift wrapped and a note added.",
+    "One {item} was out of stock, so the order ships in two parts.",
+    "The tracking number was sent by email together with the invoice.",
+    "Our {city} partner confirmed the address and the delivery window.",
+    "The customer prefers delivery after five in the evening on weekdays.",
+    "A discount code was applied because the last delivery arrived late.",
+    "Quality control checked every {item} before it was sealed.",
+]
+DOMAIN_CLOSINGS = [
+    "Please reply to this message if anything about the order is wrong.",
+    "Status: shipped. No further action needed.",
+    "Status: waiting for the courier. Check again tomorrow.",
+    "Kind regards, the customer service team.",
+    "Refund approved; the amount reaches the card within five days.",
+    "Next step: call {name} once the parcel reaches {city}.",
+]
+
+
+def make_domain_document(rng: random.Random) -> str:
+    name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    city, item = rng.choice(CITIES), rng.choice(ITEMS)
+    qty = rng.choice([1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 40])
+    fields = {"name": name, "city": city, "item": item, "qty": qty, "items": _plural(item, qty)}
+    sentences = [rng.choice(DOMAIN_OPENINGS), *rng.sample(DOMAIN_MIDDLES, rng.randint(1, 3)), rng.choice(DOMAIN_CLOSINGS)]
+    return " ".join(sentence.format(**fields) for sentence in sentences)
+
+
+def generate_domain(documents: int, seed: int) -> list[str]:
+    """Deterministic domain documents; the seed is offset so they do not mirror the chat records."""
+    rng = random.Random(seed + 1_000_003)
+    return [make_domain_document(rng) for _ in range(documents)]

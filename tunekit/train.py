@@ -8,14 +8,37 @@ What it gets right where popular trainers are often silently wrong:
 - checkpoints hold model, optimizer, scheduler, RNG and data position, so a killed run resumes to
   the same weights as an uninterrupted one;
 - early stopping restores the best weights instead of keeping the last.
+
+Optional, all off by default (finetune.* in params.yaml): discriminative learning rates by layer
+depth and for new parameters (`param_groups`), an L2 pull toward the starting weights
+(`l2_to_init_penalty`), replay of general-domain text inside every batch (`BatchPlan`), a
+forgetting curve on a general-text probe, bf16 autocast on CUDA, and several processes
+(torchrun; `dist_info`).
+
+Several processes (torch.distributed initialised by the caller, e.g. under torchrun):
+- `batch_size` is rows per process per micro-batch. The GLOBAL micro-batch is
+  batch_size * world_size rows, drawn exactly as one process with that batch size would draw it
+  (same `epoch_batches`, same replay rows); rank r takes rows r, r+W, r+2W, ... of it. One optimizer
+  step consumes grad_accum global micro-batches: batch_size * grad_accum * world_size rows. So 2
+  processes with batch_size 4 train on exactly the batches, steps and schedule of 1 process with
+  batch_size 8.
+- The trained-token count of the whole step is summed over ranks, each rank divides its summed loss
+  by that global count, and the gradients are then summed over ranks (one flat all-reduce; no DDP
+  wrapper is needed because parameters are only read between steps, and a rank whose shard is empty,
+  the tail of an epoch, simply contributes zeros). The result is the gradient of the mean loss over
+  every trained token of the global step, as in one process.
+- Validation and probe losses are token-weighted over rank shards and summed, so every rank takes
+  the same early-stopping decision; rank 0 alone writes checkpoints (with every rank's RNG state).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +120,13 @@ def _uses_virtual_tokens(model: torch.nn.Module) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
+def _on_model_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    if all(value.device == device for value in batch.values()):
+        return batch
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    full_forward: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over trained positions, and how many there were.
@@ -105,6 +135,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     (methods whose PeftModel.forward prepends virtual tokens: prompt, prefix and p-tuning) runs the
     model's own forward and takes its logits instead; the count of trained tokens is the same.
     """
+    batch = _on_model_device(batch, model)
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE
     count = int(selected.sum())
@@ -134,16 +165,21 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
-                         full_forward: bool = False) -> tuple[float, int]:
+                         full_forward: bool = False, step_tokens: int | None = None,
+                         autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; returns (mean loss, trained tokens).
 
     Each micro-batch's summed loss is divided by the trained tokens of the whole step, so the
     accumulated gradient equals that of one batch holding all of them, whatever their lengths.
+    `step_tokens` overrides that count (several processes: the count over every rank's micro-batches,
+    so the returned loss is this rank's share of the global mean). `autocast` wraps the forwards only.
     """
-    step_tokens = sum(trained_tokens(batch) for batch in micro_batches)
+    if step_tokens is None:
+        step_tokens = sum(trained_tokens(batch) for batch in micro_batches)
     step_loss = 0.0
     for batch in micro_batches:
-        loss_sum, _ = token_loss_sum(model, batch, full_forward)
+        with (autocast() if autocast else contextlib.nullcontext()):
+            loss_sum, _ = token_loss_sum(model, batch, full_forward)
         (loss_sum / max(step_tokens, 1)).backward()
         step_loss += float(loss_sum.detach())
     return step_loss / max(step_tokens, 1), step_tokens
@@ -186,6 +222,12 @@ class TrainConfig:
     checkpoint_every: int = 20
     seed: int = 0
     full_forward: bool = False  # Method.full_forward: the loss runs the model's own forward
+    layer_lr_decay: float | None = None  # lr * decay**depth (see param_groups); None = one rate
+    head_lr: float | None = None         # peak rate of parameters the method added; None = lr
+    l2_to_init: float = 0.0              # lambda of lambda * sum ||theta - theta0||^2, once per optimizer step
+    replay_ratio: float = 0.0            # share of every global micro-batch taken from `replay_rows`
+    forgetting_every: int | None = None  # probe loss every N steps (and at step 0); needs `probe_rows`
+    precision: str = "fp32"              # fp32 | bf16 (autocast, CUDA only)
 
 
 @dataclass
@@ -198,6 +240,7 @@ class TrainState:
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
+    probes: list[dict[str, float]] = field(default_factory=list)  # forgetting curve: {"step", "probe_loss"}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -211,14 +254,233 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             params[name].copy_(value)
 
 
+# ---------------------------------------------------------------- optimizer: discriminative learning rates
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Whole modules a method adds (not deltas of one base weight): bottleneck adapters, PEFT's virtual-token
+# encoders and its trainable copies of heads (modules_to_save).
+_NEW_MODULES = (".bottleneck.", "prompt_encoder.", "modules_to_save.")
+
+
+def _added_by_method(model: torch.nn.Module) -> Callable[[str], bool]:
+    """Whether a parameter name belongs to something the fine-tuning method added to the base."""
+    markers = list(_NEW_MODULES)
+    if hasattr(model, "peft_config"):
+        prefix = getattr(getattr(model, "base_model", None), "prefix", None)  # lora_, ia3_, hada_, ...
+        if isinstance(prefix, str) and prefix:
+            markers.append(prefix)
+    return lambda name: any(marker in name for marker in markers)
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay only on matrices (ndim >= 2), and per-parameter peak rates.
+
+    With neither `layer_lr_decay` nor `head_lr` set: two groups at `lr` (decay / no decay), as always.
+    Otherwise a parameter's peak rate is base * layer_lr_decay ** depth, where
+    - base is `head_lr` (when set) for parameters the method ADDED: LoRA/DoRA factors and magnitudes,
+      IA3 vectors, other PEFT tuner weights, our bottleneck adapters, virtual-token encoders, PEFT
+      modules_to_save heads; and `lr` for the base model's own weights (full, freeze, head);
+    - depth counts transformer layers down from the top: a parameter inside layer i of L has depth
+      L-1-i (LoRA factors and bottleneck adapters live in their layer, so they decay with it); the
+      input embeddings (and a head tied to them) have depth L; the final norm, an untied output head
+      and virtual tokens (which sit outside the layers: they are what is being trained, not a layer
+      to be protected) have depth 0.
+    Groups are keyed by (rate, weight decay) and named for inspection ("name": e.g. "layer 3/decay").
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if cfg.layer_lr_decay is None and cfg.head_lr is None:
+        # Norms and biases are not decayed: decaying a scale toward zero is not regularisation.
+        decay = [p for _, p in trainable if p.ndim >= 2]
+        no_decay = [p for _, p in trainable if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr, "name": "decay"},
+                  {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr, "name": "no_decay"}]
+        return [g for g in groups if g["params"]]
+    layer_ids = [int(m.group(1)) for name, _ in model.named_parameters() if (m := _LAYER.search(name))]
+    n_layers = max(layer_ids) + 1 if layer_ids else 0
+    added = _added_by_method(model)
+    factor = cfg.layer_lr_decay if cfg.layer_lr_decay is not None else 1.0
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, p in trainable:
+        new = added(name)
+        match = _LAYER.search(name)
+        if match:
+            depth, where = n_layers - 1 - int(match.group(1)), f"layer {match.group(1)}"
+        elif "embed" in name and not new:
+            depth, where = n_layers, "embeddings"
+        else:
+            depth, where = 0, "top"
+        base = cfg.head_lr if new and cfg.head_lr is not None else cfg.lr
+        rate = base * factor ** depth
+        wd = cfg.weight_decay if p.ndim >= 2 else 0.0
+        label = f"{'new ' if new else ''}{where}/{'decay' if p.ndim >= 2 else 'no_decay'}"
+        group = groups.setdefault((rate, wd), {"params": [], "weight_decay": wd, "lr": rate, "name": label})
+        group["params"].append(p)
+        if label not in group["name"].split(", "):
+            group["name"] += ", " + label
+    return list(groups.values())
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Norms and biases are not decayed: decaying a scale toward zero is not regularisation.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+
+
+# ---------------------------------------------------------------- L2 toward the starting weights
+
+
+def l2_anchors(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """The starting values of the TRAINABLE parameters only (frozen ones cannot move). Tensors that
+    start at zero (LoRA B, the up-projection of bottleneck adapters) are recorded as None: their pull
+    is toward zero and costs no copy. For LoRA/DoRA/IA3/adapters/virtual tokens this is a copy of
+    the small adapter; for `full` it is a copy of every weight (one extra model in memory), for
+    `freeze` a copy of the unfrozen top layers only."""
+    return {name: (p.detach().clone() if p.detach().any() else None)
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def l2_to_init_penalty(model: torch.nn.Module, anchors: dict[str, torch.Tensor | None], lam: float) -> torch.Tensor:
+    """lam * sum over trainable parameters of ||theta - theta0||^2, differentiable."""
+    params = dict(model.named_parameters())
+    total = sum(((params[name] - anchor) if anchor is not None else params[name]).pow(2).sum()
+                for name, anchor in anchors.items())
+    return lam * total
+
+
+@torch.no_grad()
+def add_l2_to_init_gradient(model: torch.nn.Module, anchors: dict[str, torch.Tensor | None], lam: float) -> float:
+    """Add the penalty's gradient 2 * lam * (theta - theta0) to .grad, once per optimizer step (after the
+    micro-batches are accumulated and reduced over ranks, whose parameters are identical), so
+    accumulation and several processes stay exact. Returns the penalty's value."""
+    params = dict(model.named_parameters())
+    total = 0.0
+    for name, anchor in anchors.items():
+        p = params[name]
+        diff = p.detach() - anchor if anchor is not None else p.detach()
+        if p.grad is None:
+            p.grad = (2 * lam) * diff
+        else:
+            p.grad.add_(diff, alpha=2 * lam)
+        total += float(diff.double().pow(2).sum())
+    return lam * total
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if dist_info()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def _all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum every trainable gradient over ranks in one flat buffer (missing gradients count as zero)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+@torch.no_grad()
+def _broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
+    for p in params:
+        torch.distributed.broadcast(p.data, 0)
+
+
+def reduced_loss(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int,
+                 full_forward: bool = False) -> float:
+    """evaluate_loss's mean over all trained tokens of `rows`; with several processes each rank scores
+    rows rank, rank+W, ... and the token-weighted sums are added up, so every rank gets the same number."""
+    rank, world = dist_info()
+    if world == 1:
+        return evaluate_loss(model, rows, pad_id, batch_size, full_forward)["loss"]
+    part = list(rows[rank::world])
+    result = evaluate_loss(model, part, pad_id, batch_size, full_forward) if part else {"loss": 0.0, "tokens": 0}
+    total, count = _all_reduce_sum([result["loss"] * result["tokens"], float(result["tokens"])],
+                                   next(model.parameters()).device)
+    return total / max(count, 1.0)
+
+
+# ---------------------------------------------------------------- which rows each step trains on
+
+
+def replay_per_batch(cfg: TrainConfig, world: int = 1) -> int:
+    """Replay rows in each global micro-batch of batch_size * world rows."""
+    if cfg.replay_ratio <= 0:
+        return 0
+    size = cfg.batch_size * world
+    n = round(cfg.replay_ratio * size)
+    if n < 1 or n >= size:
+        raise ValueError(f"finetune.replay.ratio {cfg.replay_ratio} of a batch of {size} rows gives {n} replay rows: "
+                         f"choose a ratio that leaves at least 1 replay row and at least 1 task row "
+                         f"(between {0.5 / size:.3g} and {(size - 0.5) / size:.3g})")
+    return n
+
+
+class BatchPlan:
+    """The rows of every global micro-batch, a pure function of (data, config, world size, index).
+
+    Each global micro-batch holds batch_size * world rows: `replay_per_batch` replay rows (chosen
+    without replacement by a generator seeded from (seed, micro-batch index), so a resumed run draws
+    the same ones) and the rest task rows from `epoch_batches`. Rank r trains rows r, r+W, ... of it.
+    """
+
+    def __init__(self, lengths: Sequence[int], cfg: TrainConfig, world: int = 1, n_replay_rows: int = 0):
+        self.lengths, self.cfg, self.world, self.n_replay_rows = list(lengths), cfg, world, n_replay_rows
+        self.replay = replay_per_batch(cfg, world)
+        if self.replay and not n_replay_rows:
+            raise ValueError("finetune.replay.ratio > 0 but there are no replay rows to mix in")
+        self.task_size = cfg.batch_size * world - self.replay
+        self.per_epoch = math.ceil(len(self.lengths) / self.task_size)
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def task_rows(self, index: int) -> list[int]:
+        epoch, position = divmod(index, self.per_epoch)
+        if epoch not in self._cache:
+            self._cache.clear()
+            self._cache[epoch] = epoch_batches(self.lengths, self.task_size, self.cfg.seed, epoch)
+        return self._cache[epoch][position]
+
+    def replay_rows(self, index: int) -> list[int]:
+        if not self.replay:
+            return []
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + index + 17)
+        if self.n_replay_rows >= self.replay:
+            return torch.randperm(self.n_replay_rows, generator=gen)[:self.replay].tolist()
+        return torch.randint(self.n_replay_rows, (self.replay,), generator=gen).tolist()
+
+    def global_rows(self, index: int) -> list[tuple[str, int]]:
+        return [("task", i) for i in self.task_rows(index)] + [("replay", i) for i in self.replay_rows(index)]
+
+    def shard(self, index: int, rank: int) -> list[tuple[str, int]]:
+        return self.global_rows(index)[rank::self.world]
+
+
+def replay_lm_rows(token_ids: Sequence[Sequence[int]], max_length: int) -> list[dict[str, list[int]]]:
+    """Plain language-modelling rows: every token is a label (the shift leaves out only the first)."""
+    rows = []
+    for ids in token_ids:
+        ids = list(ids)[:max_length]
+        if len(ids) >= 2:
+            rows.append({"input_ids": ids, "labels": list(ids)})
+    return rows
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -228,14 +490,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
 
 
-def total_steps(n_rows: int, cfg: TrainConfig) -> int:
-    batches_per_epoch = math.ceil(n_rows / cfg.batch_size)
+def total_steps(n_rows: int, cfg: TrainConfig, world: int = 1) -> int:
+    """Optimizer steps: epochs over the task rows, each global micro-batch taking batch_size * world
+    rows minus its replay rows."""
+    batches_per_epoch = math.ceil(n_rows / (cfg.batch_size * world - replay_per_batch(cfg, world)))
     if cfg.max_steps:
         return cfg.max_steps
     return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
 
 
-def _save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainState, best: dict | None) -> None:
+def _save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainState, best: dict | None,
+                     rank_rng: list[torch.Tensor] | None = None) -> None:
     final = ckpt_dir / f"step-{state.step:07d}"
     tmp = ckpt_dir / f".step-{state.step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -243,8 +508,10 @@ def _save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainSt
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     if best is not None:
         save_file(best, tmp / "best.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+    if rank_rng is not None:
+        blob["rank_rng"] = rank_rng  # several processes: every rank's CPU generator (dropout), in rank order
+    torch.save(blob, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({
         "state": state.__dict__, "python_rng": random.getstate(),
     }), encoding="utf-8")
@@ -265,7 +532,9 @@ def _restore(path: Path, model, optimizer, scheduler) -> tuple[TrainState, dict 
     blob = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"])
+    rank, world = dist_info()
+    rank_rng = blob.get("rank_rng")
+    torch.set_rng_state(rank_rng[rank] if rank_rng is not None and len(rank_rng) == world else blob["torch_rng"])
     saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
     version, internal, gauss = saved["python_rng"]
     random.setstate((version, tuple(internal), gauss))
@@ -273,46 +542,97 @@ def _restore(path: Path, model, optimizer, scheduler) -> tuple[TrainState, dict 
     return TrainState(**saved["state"]), (load_file(best_path) if best_path.exists() else None)
 
 
+BF16_ON_CPU = ("finetune.precision: bf16 autocasts on CUDA only. On this CPU (no AMX / AVX512-BF16 kernels) bf16 "
+               "matmuls are ~500x slower than fp32, so a CPU run in bf16 would be slower, not faster: use precision: fp32")
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager] | None:
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision != "bf16":
+        raise ValueError(f"precision {cfg.precision!r}: use fp32 or bf16")
+    if device.type != "cuda":
+        raise ValueError(BF16_ON_CPU)
+    return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+
 def train(model: torch.nn.Module, train_rows: Sequence[dict[str, Any]], val_rows: Sequence[dict[str, Any]],
           cfg: TrainConfig, pad_id: int, ckpt_dir: Path,
-          on_step: Callable[[TrainState], None] | None = None) -> TrainState:
-    """Train `model` in place; resumes from the newest checkpoint in `ckpt_dir` if there is one."""
+          on_step: Callable[[TrainState], None] | None = None,
+          replay_rows: Sequence[dict[str, Any]] | None = None,
+          probe_rows: Sequence[dict[str, Any]] | None = None) -> TrainState:
+    """Train `model` in place; resumes from the newest checkpoint in `ckpt_dir` if there is one.
+
+    `replay_rows` (plain LM rows, `replay_lm_rows`) are mixed into every batch when cfg.replay_ratio > 0;
+    `probe_rows` are scored every cfg.forgetting_every steps (state.probes). Under torch.distributed
+    every rank calls this with the same arguments (see the module docstring); rank 0 alone writes.
+    """
+    rank, world = dist_info()
+    device = next(model.parameters()).device
+    autocast = _autocast(cfg, device)
+    if cfg.forgetting_every and not probe_rows:
+        raise ValueError("forgetting_every is set but no probe_rows were given")
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if world > 1:
+        _broadcast_parameters(trainable)  # one starting point, whatever each rank's initialisation drew
+    anchors = l2_anchors(model) if cfg.l2_to_init > 0 else None  # before a resume overwrites the weights
     optimizer = make_optimizer(model, cfg)
-    steps = total_steps(len(train_rows), cfg)
+    steps = total_steps(len(train_rows), cfg, world)
     scheduler = make_scheduler(optimizer, cfg, steps)
     state, best = TrainState(), None
     latest = _latest_checkpoint(ckpt_dir)
     if latest is not None:
         state, best = _restore(latest, model, optimizer, scheduler)
         log.info("resuming from %s (step %d of %d)", latest, state.step, steps)
+    elif world > 1:
+        torch.manual_seed(cfg.seed * 1000 + rank)  # each rank its own dropout stream
+    barrier()  # nobody moves on (and rank 0 may soon replace checkpoints) before every rank has read them
 
-    lengths = [len(row["input_ids"]) for row in train_rows]
-    per_epoch: dict[int, list[list[int]]] = {}
+    plan = BatchPlan([len(row["input_ids"]) for row in train_rows], cfg, world, len(replay_rows or []))
+    base_lr = optimizer.param_groups[0]["initial_lr"]
 
-    def micro_batch(index: int) -> dict[str, torch.Tensor]:
-        n = math.ceil(len(train_rows) / cfg.batch_size)
-        epoch, position = divmod(index, n)
-        if epoch not in per_epoch:
-            per_epoch.clear()
-            per_epoch[epoch] = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-        return collate([train_rows[i] for i in per_epoch[epoch][position]], pad_id)
+    def micro_batch(index: int) -> dict[str, torch.Tensor] | None:
+        picked = [train_rows[i] if kind == "task" else replay_rows[i] for kind, i in plan.shard(index, rank)]
+        return collate(picked, pad_id) if picked else None
 
-    bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    def probe() -> None:
+        with (autocast() if autocast else contextlib.nullcontext()):
+            loss = reduced_loss(model, probe_rows, pad_id, cfg.batch_size, cfg.full_forward)
+        state.probes.append({"step": state.step, "probe_loss": loss})
+
+    if cfg.forgetting_every and state.step == 0 and not state.probes:
+        probe()  # the curve starts at the untrained model
+    bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
     while state.step < steps and not state.stopped_early:
         micro = [micro_batch(state.step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-        step_loss, step_tokens = accumulate_gradients(model, micro, cfg.full_forward)
+        micro = [batch for batch in micro if batch is not None]
+        local_tokens = sum(trained_tokens(batch) for batch in micro)
+        replay_tokens = sum(sum(label != IGNORE for label in replay_rows[i]["labels"][1:]) for k in range(cfg.grad_accum)
+                            for i in plan.replay_rows(state.step * cfg.grad_accum + k)) if plan.replay else 0
+        step_tokens = int(_all_reduce_sum([float(local_tokens)], device)[0]) if world > 1 else local_tokens
+        step_loss, _ = accumulate_gradients(model, micro, cfg.full_forward, step_tokens, autocast)
+        if world > 1:
+            step_loss = _all_reduce_sum([step_loss], device)[0]
+            _all_reduce_gradients(trainable)
+        entry = {"step": state.step + 1, "train_loss": step_loss}
+        if anchors is not None:
+            entry["l2_penalty"] = add_l2_to_init_gradient(model, anchors, cfg.l2_to_init)
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        lr = cfg.lr * scheduler.get_last_lr()[0] / base_lr  # the schedule's factor times finetune.lr
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.history.append({"step": state.step, "train_loss": step_loss, "lr": lr, "tokens": step_tokens})
+        entry.update(lr=lr, tokens=step_tokens)
+        if plan.replay:
+            entry["replay_tokens"] = replay_tokens
+        state.history.append(entry)
 
         if val_rows and (state.step % cfg.eval_every == 0 or state.step == steps):
-            val = evaluate_loss(model, val_rows, pad_id, cfg.batch_size, cfg.full_forward)["loss"]
+            with (autocast() if autocast else contextlib.nullcontext()):
+                val = reduced_loss(model, val_rows, pad_id, cfg.batch_size, cfg.full_forward)
             state.evals.append({"step": state.step, "val_loss": val})
             if state.best_loss is None or val < state.best_loss:
                 state.best_loss, state.best_step, state.evals_without_improvement = val, state.step, 0
@@ -325,9 +645,17 @@ def train(model: torch.nn.Module, train_rows: Sequence[dict[str, Any]], val_rows
             bar.set_postfix(loss=f"{state.history[-1]['train_loss']:.3f}", val=f"{val:.3f}")
         else:
             bar.set_postfix(loss=f"{state.history[-1]['train_loss']:.3f}")
+        if cfg.forgetting_every and (state.step % cfg.forgetting_every == 0 or state.step == steps or state.stopped_early):
+            probe()
         bar.update(1)
         if state.step % cfg.checkpoint_every == 0 and state.step < steps:
-            _save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, best)
+            rank_rng = None
+            if world > 1:
+                rank_rng = [None] * world
+                torch.distributed.all_gather_object(rank_rng, torch.get_rng_state())
+            if rank == 0:
+                _save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, best, rank_rng)
+            barrier()
         if on_step is not None:
             on_step(state)
     bar.close()

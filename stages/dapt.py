@@ -1,0 +1,201 @@
+"""Stage `dapt`: domain-adaptive continued pretraining of the base on raw domain text.
+
+    python -m stages.dapt --model models/base --out models/dapt --metrics metrics/dapt.json \
+        --plots reports/dapt --checkpoints checkpoints/dapt
+
+The documents of `dapt.inputs` (.txt: documents separated by blank lines; .jsonl: {"text": ...} per
+line) are packed into blocks of `dapt.block_size` tokens with eos between documents, and the model
+learns every token but each block's first, with `dapt.method` (lora or full). A share of the blocks
+(`dapt.validation`) is held out: its perplexity before and after is the stage's headline number.
+`dapt.replay_ratio` mixes general text (pydoc prose) into training against forgetting. A LoRA run is
+merged, so the output is always a plain full checkpoint that later stages load like the base.
+
+With `dapt.enabled: false` the output is a pass-through: a directory holding only meta.json that
+names the base (`"passthrough"`), which tunekit.models.resolve_checkpoint follows; no weights are copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tunekit.forgetting import load_probe
+from tunekit.io import atomic_dir, content_hash, read_meta, write_json, write_meta
+from tunekit.methods import get_method, parameter_counts
+from tunekit.models import PASSTHROUGH, load_causal_lm, load_tokenizer, set_threads
+from tunekit.params import DaptParams, FinetuneParams, ProjectParams, load_section
+from tunekit.plots import loss_curve_png, write_csv
+from tunekit.text import TextError, load_documents, pack, pack_documents, split_blocks
+from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
+from tunekit.train import TrainConfig, evaluate_loss, train
+
+log = logging.getLogger("tunekit")
+
+REPLAY_PROBE = "pydoc"  # general text replayed against forgetting: tunekit.forgetting's default probe
+
+
+def checkpoint_hash(model_dir: Path) -> str:
+    return (read_meta(model_dir) or {}).get("hash") or content_hash(model_dir)
+
+
+def blocks_hash(rows: list[dict]) -> str:
+    return hashlib.sha256(json.dumps([row["input_ids"] for row in rows]).encode()).hexdigest()
+
+
+def run_key(params: DaptParams, seed: int, base_hash: str, data_hash: str) -> str:
+    """Checkpoints are only resumed by a run with the same params, seed, base and blocks."""
+    blob = json.dumps({"params": params.model_dump(), "seed": seed, "base": base_hash, "data": data_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def replay_blocks(tokenizer, block_size: int, count: int) -> list[dict]:
+    """`count` blocks of general text (pydoc prose, passages in hash order), packed like the domain text."""
+    if count == 0:
+        return []
+    passages = load_probe(REPLAY_PROBE, 10**6).passages  # every passage, in its deterministic hash order
+    stream: list[int] = []
+    for passage in passages:  # tokenise only as much as the blocks need
+        if len(stream) >= count * block_size:
+            break
+        stream.extend(([tokenizer.eos_token_id] if stream else []) + tokenizer(passage, add_special_tokens=False)["input_ids"])
+    blocks = pack(stream, block_size)
+    if len(blocks) < count:
+        log.warning("replay: only %d general-text blocks available, %d asked for", len(blocks), count)
+    return blocks[:count]
+
+
+def write_plots(plots: Path, history: list[dict], evals: list[dict], title: str) -> None:
+    write_csv(plots / "train_loss.csv", history, ["step", "train_loss"])
+    write_csv(plots / "val_loss.csv", evals, ["step", "val_loss"])
+    loss_curve_png(plots / "loss.png", history, evals, title)
+
+
+def pass_through(params: DaptParams, model_dir: Path, out: Path, plots: Path) -> dict:
+    """meta.json only: the base unchanged, named by path, with the base's hash as its own (same model)."""
+    with atomic_dir(out) as tmp:
+        write_meta(tmp, "dapt", params.model_dump(), parent=model_dir,
+                   extra={PASSTHROUGH: str(model_dir), "hash": checkpoint_hash(model_dir)})
+    write_plots(plots, [], [], "dapt disabled: base passed through")
+    return {"enabled": 0}
+
+
+def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, checkpoints: Path) -> tuple[dict, dict]:
+    if not params.enabled:
+        log.info("dapt.enabled is false: %s passes %s through unchanged (no weights copied)", out, model_dir)
+        return pass_through(params, model_dir, out, plots), {"history": [], "evals": []}
+    started = time.perf_counter()
+    threads = set_threads(params.threads)
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(model_dir)
+    pad_id = tokenizer.pad_token_id
+
+    try:
+        documents = load_documents(params.inputs)
+        blocks, stream_tokens = pack_documents([doc.text for doc in documents], tokenizer, params.block_size)
+    except TextError as exc:
+        raise SystemExit(f"dapt.inputs: {exc}") from None
+    train_blocks, val_blocks = split_blocks(blocks, params.validation)
+    if not train_blocks:
+        raise SystemExit(f"dapt.inputs {params.inputs}: {stream_tokens} tokens make no block of dapt.block_size "
+                         f"{params.block_size} to train on; add text or lower dapt.block_size")
+    replay = replay_blocks(tokenizer, params.block_size, round(params.replay_ratio * len(train_blocks)))
+    train_rows = train_blocks + replay
+    scored = val_blocks or train_blocks  # perplexity before/after: held-out blocks, else the training blocks
+    if not val_blocks:
+        log.warning("dapt.validation is 0 (or too few blocks): perplexity before/after is measured on the training blocks")
+    log.info("%d documents, %d tokens -> %d blocks of %d (%d train, %d validation) + %d replay blocks",
+             len(documents), stream_tokens, len(blocks), params.block_size, len(train_blocks), len(val_blocks), len(replay))
+
+    method = get_method(params.method)
+    model = method.prepare(load_causal_lm(model_dir), FinetuneParams(method=params.method, lora=params.lora))
+    counts = parameter_counts(model)
+    before = evaluate_loss(model, scored, pad_id, params.batch_size)
+    log.info("domain perplexity before: %.3f", before["perplexity"])
+
+    data_hash = blocks_hash(train_rows + val_blocks)
+    ckpt_dir = checkpoints / run_key(params, seed, checkpoint_hash(model_dir), data_hash)
+    cfg = TrainConfig(
+        epochs=params.epochs, lr=params.learning_rate, batch_size=params.batch_size, grad_accum=params.grad_accum,
+        max_steps=params.max_steps, schedule=params.schedule, warmup_ratio=params.warmup_ratio,
+        weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, eval_every=params.eval_every,
+        early_stopping_patience=params.early_stopping_patience, checkpoint_every=params.checkpoint_every, seed=seed,
+    )
+    train_started = time.perf_counter()
+    state = train(model, train_rows, val_blocks, cfg, pad_id, ckpt_dir)
+    train_seconds = time.perf_counter() - train_started
+
+    if method.saves_adapter:
+        model = method.checkpoint.merge(model)  # LoRA folded in: later stages see a plain model
+    after = evaluate_loss(model, scored, pad_id, params.batch_size)
+    log.info("domain perplexity after: %.3f", after["perplexity"])
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "history.json", {"train": state.history, "validation": state.evals})
+        write_meta(tmp, "dapt", {"seed": seed, **params.model_dump(), "lr": cfg.lr}, parent=model_dir,
+                   data={"blocks": data_hash, "inputs": content_hash(Path(params.inputs))},
+                   extra={"method": params.method, "merged": method.saves_adapter})
+    write_plots(plots, state.history, state.evals, f"dapt ({params.method})")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    metrics = {
+        "enabled": 1,
+        **counts,
+        "documents": len(documents),
+        "tokens": stream_tokens,
+        "blocks": len(blocks),
+        "train_blocks": len(train_blocks),
+        "validation_blocks": len(val_blocks),
+        "replay_blocks": len(replay),
+        "lr": cfg.lr,
+        "steps": state.step,
+        "stopped_early": int(state.stopped_early),
+        "best_step": state.best_step or state.step,
+        "trained_tokens": sum(h["tokens"] for h in state.history),
+        "loss_before": before["loss"],
+        "loss_after": after["loss"],
+        "perplexity_before": before["perplexity"],
+        "perplexity_after": after["perplexity"],
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - started,
+        "threads": threads,
+    }
+    return metrics, {"history": state.history, "evals": state.evals}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="base checkpoint directory")
+    parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True, help="directory for loss CSVs and PNG")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (outside DVC outputs)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    project: ProjectParams = load_section("project")
+    params: DaptParams = load_section("dapt")
+
+    tags = {"enabled": str(params.enabled).lower(), "method": params.method, **data_tags(inputs=Path(params.inputs))}
+    with stage_run("dapt", project.experiment, params, tags=tags) as mlflow:
+        metrics, curves = run(params, project.seed, args.model, args.out, args.plots, args.checkpoints)
+        write_json(args.metrics, metrics)
+        log_metrics(mlflow, metrics)
+        for point in curves["history"]:
+            mlflow.log_metrics({"train_loss": point["train_loss"], "lr": point["lr"]}, step=point["step"])
+        for point in curves["evals"]:
+            mlflow.log_metric("val_loss", point["val_loss"], step=point["step"])
+        if metrics["enabled"]:
+            mlflow.log_artifact(str(args.plots / "loss.png"))
+    log.info("dapt done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+
+
+if __name__ == "__main__":
+    main()
