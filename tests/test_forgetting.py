@@ -50,11 +50,11 @@ def test_unusable_probes_fail_naming_the_file_and_the_param(tmp_path):
         load_probe(str(missing), 8)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n", encoding="utf-8")
-    with pytest.raises(ProbeError, match=rf"forgetting\.probe: probe file {empty} holds no text"):
+    with pytest.raises(ProbeError, match=rf"forgetting\.probe: probe file {empty}: no text found"):
         load_probe(str(empty), 8)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"content": "no text key"}\n', encoding="utf-8")
-    with pytest.raises(ProbeError, match=rf"{bad}:2: each line must be an object with a string \"text\""):
+    with pytest.raises(ProbeError, match=rf"forgetting\.probe: probe file {bad}:2: each line must be an object with a \"text\" key"):
         load_probe(str(bad), 8)
     with pytest.raises(ParamsError, match=r"forgetting: .*'probe.csv' must be 'pydoc', a \.txt file"):
         validate_section("forgetting", {"probe": "probe.csv"}, ForgettingParams)

@@ -25,6 +25,7 @@ import torch
 
 from tunekit.io import content_hash, read_meta, write_json
 from tunekit.models import load_causal_lm
+from tunekit.text import TextError, load_documents
 from tunekit.train import evaluate_loss
 
 log = logging.getLogger("tunekit")
@@ -86,28 +87,6 @@ def pydoc_paragraphs() -> list[str]:
     return paragraphs
 
 
-def _text_passages(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
-    return [block.strip() for block in re.split(r"\n[ \t]*\n", text) if block.strip()]
-
-
-def _jsonl_passages(path: Path) -> list[str]:
-    passages = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ProbeError(f"{PROBE_PARAM}: {path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ProbeError(f"{PROBE_PARAM}: {path}:{number}: each line must be an object with a string \"text\"")
-            if row["text"].strip():
-                passages.append(row["text"].strip())
-    return passages
-
-
 def select(passages: Sequence[str], count: int) -> list[str]:
     """`count` passages chosen by the hash of their text: deterministic, independent of file order,
     spread over the whole source, and stable when passages are added elsewhere."""
@@ -128,10 +107,11 @@ def load_probe(spec: str, count: int) -> Probe:
         raise ProbeError(f"{PROBE_PARAM}: {spec!r}: use '{PYDOC}', a .txt file or a .jsonl file")
     if not path.is_file():
         raise ProbeError(f"{PROBE_PARAM}: probe file {path} does not exist (set {PROBE_PARAM} to '{PYDOC}' or an existing .txt/.jsonl file)")
-    found = _text_passages(path) if path.suffix == ".txt" else _jsonl_passages(path)
-    if not found:
-        raise ProbeError(f"{PROBE_PARAM}: probe file {path} holds no text (a .txt needs paragraphs separated by blank lines, "
-                         "a .jsonl one {\"text\": ...} per line)")
+    try:
+        # The same reader as DAPT's domain text: one format, one parser.
+        found = [document.text for document in load_documents(path)]
+    except TextError as exc:
+        raise ProbeError(f"{PROBE_PARAM}: probe file {exc}") from None
     return Probe(str(path), select(found, count), len(found))
 
 
