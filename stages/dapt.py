@@ -121,12 +121,7 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
 
     data_hash = blocks_hash(train_rows + val_blocks)
     ckpt_dir = checkpoints / run_key(params, seed, checkpoint_hash(model_dir), data_hash)
-    cfg = TrainConfig(
-        epochs=params.epochs, lr=params.learning_rate, batch_size=params.batch_size, grad_accum=params.grad_accum,
-        max_steps=params.max_steps, schedule=params.schedule, warmup_ratio=params.warmup_ratio,
-        weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, eval_every=params.eval_every,
-        early_stopping_patience=params.early_stopping_patience, checkpoint_every=params.checkpoint_every, seed=seed,
-    )
+    cfg = TrainConfig(**params.loop_config(), lr=params.learning_rate, seed=seed)
     train_started = time.perf_counter()
     state = train(model, train_rows, val_blocks, cfg, pad_id, ckpt_dir)
     train_seconds = time.perf_counter() - train_started

@@ -148,12 +148,8 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     replay_rows, probe_rows = general_text_rows(params, tokenizer, params.replay.max_length or template_max_length)
 
     cfg = TrainConfig(
-        epochs=params.epochs, lr=params.lr, batch_size=params.batch_size, grad_accum=params.grad_accum,
-        max_steps=params.max_steps, schedule=params.schedule, warmup_ratio=params.warmup_ratio,
-        weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm, eval_every=params.eval_every,
-        early_stopping_patience=params.early_stopping_patience, checkpoint_every=params.checkpoint_every, seed=seed,
-        full_forward=method.full_forward, layer_lr_decay=params.layer_lr_decay, head_lr=params.head_lr,
-        l2_to_init=params.l2_to_init, replay_ratio=params.replay.ratio,
+        **params.loop_config(), lr=params.lr, seed=seed, full_forward=method.full_forward,
+        layer_lr_decay=params.layer_lr_decay, head_lr=params.head_lr, l2_to_init=params.l2_to_init, replay_ratio=params.replay.ratio,
         forgetting_every=params.forgetting_every_n_steps, precision=params.precision,
     )
     started = time.perf_counter()

@@ -140,18 +140,10 @@ class ProbeParams(Section):
         return self
 
 
-class FinetuneParams(Section):
-    method: str = "lora"
-    lora: LoraParams = LoraParams()
-    freeze: FreezeParams = FreezeParams()
-    ia3: IA3Params = IA3Params()
-    adapter: AdapterParams = AdapterParams()
-    # validate_default: the cross-checks below must also run when the sub-section is left out.
-    virtual: VirtualTokenParams = Field(VirtualTokenParams(), validate_default=True)
-    peft: PeftPassthroughParams = Field(PeftPassthroughParams(), validate_default=True)
-    epochs: float = Field(2, gt=0)
+class LoopParams(Section):
+    """Training-loop knobs shared by `finetune` and `dapt`; all but threads go to tunekit.train.TrainConfig."""
+    epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)
-    lr: float = Field(1e-3, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -162,6 +154,23 @@ class FinetuneParams(Section):
     early_stopping_patience: int | None = Field(3, gt=0)
     checkpoint_every: int = Field(20, gt=0)
     threads: int = Field(0, ge=0)
+
+    def loop_config(self) -> dict[str, Any]:
+        """The TrainConfig keyword arguments these params set."""
+        return self.model_dump(include=set(LoopParams.model_fields) - {"threads"})
+
+
+class FinetuneParams(LoopParams):
+    method: str = "lora"
+    lora: LoraParams = LoraParams()
+    freeze: FreezeParams = FreezeParams()
+    ia3: IA3Params = IA3Params()
+    adapter: AdapterParams = AdapterParams()
+    # validate_default: the cross-checks below must also run when the sub-section is left out.
+    virtual: VirtualTokenParams = Field(VirtualTokenParams(), validate_default=True)
+    peft: PeftPassthroughParams = Field(PeftPassthroughParams(), validate_default=True)
+    epochs: float = Field(2, gt=0)
+    lr: float = Field(1e-3, gt=0)
     layer_lr_decay: float | None = Field(None, gt=0, le=1)
     head_lr: float | None = Field(None, gt=0)
     l2_to_init: float = Field(0.0, ge=0)
@@ -286,7 +295,7 @@ class ForgettingParams(Section):
         return self
 
 
-class DaptParams(Section):
+class DaptParams(LoopParams):
     """Domain-adaptive continued pretraining on raw text (stage `dapt`)."""
     enabled: bool = False
     inputs: str = "data/domain"
@@ -295,19 +304,10 @@ class DaptParams(Section):
     block_size: int = Field(256, ge=8)
     validation: float = Field(0.1, ge=0, lt=1)
     replay_ratio: float = Field(0.0, ge=0, le=1)
-    epochs: float = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
     lr: float | None = Field(None, gt=0)  # None: 1e-4 for lora, 2e-5 for full
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(10, gt=0)
-    early_stopping_patience: int | None = Field(3, gt=0)
     checkpoint_every: int = Field(10, gt=0)
-    threads: int = Field(0, ge=0)
 
     @property
     def learning_rate(self) -> float:
