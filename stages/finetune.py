@@ -41,7 +41,7 @@ from tunekit.io import atomic_dir, content_hash, read_jsonl, read_meta, write_js
 from tunekit.methods import Method, method_for, parameter_counts
 from tunekit.models import load_tokenizer, set_threads
 from tunekit.params import FinetuneParams, ProjectParams, TemplateParams, load_section
-from tunekit.plots import loss_curve_png, write_csv
+from tunekit.plots import forgetting_curve_png, loss_curve_png, write_csv
 from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
 from tunekit.train import BF16_ON_CPU, TrainConfig, barrier, dist_info, replay_lm_rows, train
 
@@ -88,24 +88,6 @@ def general_text_rows(params: FinetuneParams, tokenizer, replay_max_length: int)
                  params.replay.source, round(params.replay.ratio * params.batch_size * params.processes),
                  params.batch_size * params.processes)
     return replay_rows, probe_rows
-
-
-def forgetting_curve_png(path: Path, probes: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot([p["step"] for p in probes], [p["probe_loss"] for p in probes], "o-", color="#d62728")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("general-text probe loss per token")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _device() -> torch.device:

@@ -34,3 +34,22 @@ def loss_curve_png(path: Path, history: Sequence[dict], evals: Sequence[dict], t
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def forgetting_curve_png(path: Path, probes: Sequence[dict], title: str) -> None:
+    """Probe loss on general text over training steps (finetune.forgetting_every_n_steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([p["step"] for p in probes], [p["probe_loss"] for p in probes], "o-", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("general-text probe loss per token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
