@@ -44,7 +44,7 @@ PREFECT_URL := http://127.0.0.1:$(PREFECT_PORT)/api
 SCHEDULE ?= --cron "0 2 * * *"
 VARIANTS ?= --set finetune.lr=1e-3 --set finetune.lr=5e-3
 
-.PHONY: prefect-server serve push pull variants
+.PHONY: prefect-server serve push pull variants plots
 
 prefect-server: $(STAMP)
 	PREFECT_HOME=$(CURDIR)/.prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
@@ -60,3 +60,7 @@ pull: $(STAMP)
 
 variants: $(STAMP)
 	$(PY) -m flows.variants $(VARIANTS)
+
+# `dvc plots show` with Vega inlined (no CDN): dvc_plots/index.html renders offline.
+plots: $(STAMP)
+	$(PY) -m tunekit.dvc_plots

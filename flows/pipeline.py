@@ -30,7 +30,8 @@ from tunekit.params import ProjectParams, load_all  # noqa: E402
 from tunekit.tracking import PARENT_RUN_ENV, log_metrics, setup_mlflow  # noqa: E402
 
 STAGES = ("demo", "base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting")
-LOCK_MESSAGE = "Unable to acquire lock"
+LOCK_MESSAGE = "Unable to acquire lock"  # DVC's repository lock (.dvc/tmp/lock)
+BUSY_MESSAGE = "is busy, it is being blocked by"  # DVC's lock on a running stage's deps and outs (.dvc/tmp/rwlock)
 
 
 class StageFailed(RuntimeError):
@@ -65,22 +66,35 @@ def _retry_only_on_lock(task, task_run, state) -> bool:
     return False
 
 
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=15, retry_condition_fn=_retry_only_on_lock,
-      task_run_name="dvc repro {stage}")
+LOCK_RETRIES, LOCK_RETRY_DELAY = 3, 15  # a second flow run waits up to about a minute for the first one's stage
+
+
+@task(cache_policy=NO_CACHE, retries=LOCK_RETRIES, retry_delay_seconds=LOCK_RETRY_DELAY,
+      retry_condition_fn=_retry_only_on_lock, task_run_name="dvc repro {stage}")
 def repro(stage: str, force: bool, parent_run_id: str) -> None:
     logger = get_run_logger()
     cmd = ["dvc", "repro", *(["--force", "--single-item"] if force else []), stage]
     logger.info("running: %s", " ".join(cmd))
     env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
     code, tail = _stream(cmd, env)
+    if code != 0 and (LOCK_MESSAGE in tail or BUSY_MESSAGE in tail):
+        # DVC locks the repository (.dvc/tmp/lock) while it plans and records a run, and a running stage's
+        # deps and outputs (.dvc/tmp/rwlock) while its command runs; so two flow runs in one workspace
+        # never write the same outputs or dvc.lock at once: the one that finds a lock taken waits and retries.
+        raise DvcLocked(
+            f"stage {stage!r} did not start: another DVC process holds this workspace's lock (.dvc/tmp/lock or, "
+            f"for the stage's files, .dvc/tmp/rwlock), e.g. "
+            f"a second flow run or a `dvc repro` in a shell. Retried up to {LOCK_RETRIES} times, "
+            f"{LOCK_RETRY_DELAY} s apart; if this is the final state, run again when the other one has finished "
+            f"(or run it in its own clone). Last output:\n{tail}")
     if code != 0:
-        error = DvcLocked if LOCK_MESSAGE in tail else StageFailed
-        raise error(f"stage {stage!r} failed (exit {code}). Last output:\n{tail}")
+        raise StageFailed(f"stage {stage!r} failed (exit {code}). Last output:\n{tail}")
 
 
 @flow(name="tunekit-pipeline", log_prints=True)
-def pipeline(stages: list[str] | None = None, force: bool = False) -> dict:
-    """Run `stages` (default: all, in DAG order) under one MLflow parent run and return every stage's metrics."""
+def pipeline(stages: list[str] | None = None, force: bool = False, run_name: str = "pipeline") -> dict:
+    """Run `stages` (default: all, in DAG order) under one MLflow parent run (named `run_name`, e.g.
+    the variant it tries, for the MLflow UI's comparison) and return every stage's metrics."""
     selected = list(stages or STAGES)
     unknown = [s for s in selected if s not in STAGES]
     if unknown:
@@ -89,7 +103,7 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> dict:
     project: ProjectParams = sections["project"]  # type: ignore[assignment]
 
     mlflow = setup_mlflow(project.experiment)
-    with mlflow.start_run(run_name="pipeline", tags={"git.commit": git_commit(), "stages": ",".join(selected)}) as parent:
+    with mlflow.start_run(run_name=run_name, tags={"git.commit": git_commit(), "stages": ",".join(selected)}) as parent:
         for stage in [s for s in STAGES if s in selected]:
             repro(stage, force, parent.info.run_id)
         # Stages restored from DVC's cache did not run, so their numbers come from their metrics files.
@@ -102,15 +116,40 @@ def pipeline(stages: list[str] | None = None, force: bool = False) -> dict:
         for path in ("params.yaml", "dvc.lock"):
             if Path(path).exists():
                 mlflow.log_artifact(path)
+        log_cards(mlflow, metrics)
     return metrics
+
+
+CARD_CHECKPOINTS = {"finetune": ("ingest", "template", "finetune", "evaluate", "forgetting"),
+                    "merged": ("ingest", "template", "finetune", "merge", "evaluate", "forgetting")}
+
+
+def log_cards(mlflow, metrics: dict) -> None:
+    """The complete model cards, evaluation and forgetting included (which the cards inside the
+    checkpoints cannot hold: those stages run after them), as `cards/<checkpoint>.md` on the parent run."""
+    from tunekit.card import render_card
+    from tunekit.io import read_meta
+
+    for name, sections in CARD_CHECKPOINTS.items():
+        path = Path("models") / name
+        meta = read_meta(path) if path.is_dir() else None
+        if meta is None or meta.get("merged") is False:
+            continue  # not run yet, or a merge that was refused (NOT_MERGED.md says why)
+        try:
+            card = render_card(path, {s: metrics[s] for s in sections if s in metrics})
+        except (OSError, ValueError, KeyError) as exc:
+            get_run_logger().warning("model card of %s not rendered: %s", path, exc)
+            continue
+        mlflow.log_text(card, f"cards/{name}.md")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", nargs="+", choices=STAGES, help="stages to run (default: all)")
     parser.add_argument("--force", action="store_true", help="re-run the selected stages even if cached")
+    parser.add_argument("--run-name", default="pipeline", help="name of the MLflow parent run (default: pipeline)")
     args = parser.parse_args(argv)
-    metrics = pipeline(stages=args.stages, force=args.force)
+    metrics = pipeline(stages=args.stages, force=args.force, run_name=args.run_name)
     summary = metrics.get("evaluate", {})
     for name in ("base", "few_shot", "dapt", "tuned", "merged"):
         if isinstance(summary.get(name), dict):

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from tunekit.io import atomic_dir, content_hash, write_json, write_meta
-from tunekit.models import load_source
+from tunekit.models import is_encoder_config, load_source
 from tunekit.params import BaseModelParams, ProjectParams, load_section
 from tunekit.tracking import configure_logging, log_metrics, stage_run
 
@@ -19,12 +19,17 @@ log = logging.getLogger("tunekit")
 
 def run(params: BaseModelParams, out: Path) -> dict:
     model, tokenizer, kind, location = load_source(params.model, params.dtype, params.trust_remote_code)
-    if not tokenizer.chat_template:
-        log.warning("the base tokenizer has no chat template: set template.chat_template to chatml, llama3 or a .jinja file")
-    # Generation must stop at the end of an assistant turn, which for chat models is often not the
-    # tokenizer's eos (e.g. <|im_end|> vs <|endoftext|>).
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoder = is_encoder_config(model.config)
+    if encoder:
+        # Encoders (base.model: minilm) serve the task heads (task.type); they neither chat nor generate.
+        log.info("base model is an encoder (%s): usable for task heads, not for task.type: sft", model.config.model_type)
+    else:
+        if not tokenizer.chat_template:
+            log.warning("the base tokenizer has no chat template: set template.chat_template to chatml, llama3 or a .jinja file")
+        # Generation must stop at the end of an assistant turn, which for chat models is often not the
+        # tokenizer's eos (e.g. <|im_end|> vs <|endoftext|>).
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -34,7 +39,8 @@ def run(params: BaseModelParams, out: Path) -> dict:
                    extra={"source": {"spec": params.model, "kind": kind, "location": str(location), "hash": source_hash}})
 
     parameters = sum(p.numel() for p in model.parameters())
-    return {"parameters": parameters, "vocab_size": len(tokenizer), "layers": int(getattr(model.config, "num_hidden_layers", 0))}
+    return {"parameters": parameters, "vocab_size": len(tokenizer), "layers": int(getattr(model.config, "num_hidden_layers", 0)),
+            "encoder": int(encoder)}
 
 
 def main(argv: list[str] | None = None) -> None:

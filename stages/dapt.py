@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     params: DaptParams = load_section("dapt")
 
     tags = {"enabled": str(params.enabled).lower(), "method": params.method, **data_tags(inputs=Path(params.inputs))}
-    with stage_run("dapt", project.experiment, params, tags=tags) as mlflow:
+    with stage_run("dapt", project.experiment, params, tags=tags, system_metrics=params.enabled) as mlflow:
         metrics, curves = run(params, project.seed, args.model, args.out, args.plots, args.checkpoints)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)

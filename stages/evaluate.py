@@ -19,19 +19,19 @@ import logging
 from pathlib import Path
 
 from tunekit.chat import encode_conversation, end_of_turn_marker, resolve_chat_template
-from tunekit.generate import Prompt, few_shot_records, generate_samples, prompts_from_conversations, score_generations
-from tunekit.io import atomic_dir, read_jsonl, read_meta, write_json, write_jsonl
+from tunekit.generate import (Prompt, few_shot_records, generate_samples, prompts_from_conversations, score_code,
+                              score_generations)
+from tunekit.io import atomic_dir, is_merged, not_merged_reason, read_jsonl, read_meta, write_json, write_jsonl
 from tunekit.methods import load_tuned
 from tunekit.models import load_causal_lm, load_tokenizer, resolve_checkpoint, set_threads
-from tunekit.params import CodeTaskParams, EvaluateParams, ProjectParams, TemplateParams, load_section
+from tunekit.params import EvaluateParams, ProjectParams, TemplateParams, load_section
 from tunekit.plots import write_csv
-from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
+from tunekit.tracking import configure_logging, data_tags, log_datasets, log_metrics, stage_run
 from tunekit.train import evaluate_loss
 
 log = logging.getLogger("tunekit")
 
 # Raw-completion stops of the HumanEval harness: the function body ends where top-level code starts.
-CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(")
 MODEL_ORDER = ("base", "dapt", "few_shot", "tuned", "merged")
 
 
@@ -68,32 +68,6 @@ def score(model, tokenizer, prompts: list[Prompt], loss_rows: list[dict], eot: s
              "predictions": samples, "scores": scores}
             for p, samples, scores in zip(prompts, predictions, per_sample)]
     return metrics, rows
-
-
-def code_scores(problems: list[dict], completions: list[list[str]], code: CodeTaskParams,
-                label: str = "") -> tuple[dict, list[dict]]:
-    """Run completions through the sandbox (never in this process) and report unbiased pass@k per k,
-    with every sample's pass/fail reason."""
-    from tunekit.sandbox import check_humaneval, pass_at_k_report
-
-    results = check_humaneval(problems, completions, timeout=code.timeout)
-    report = pass_at_k_report(results, code.ks)
-    metrics = {f"pass_at_{k}": report[f"pass@{k}"] for k in code.ks}  # MLflow metric names allow no "@"
-    metrics.update({key: report[key] for key in ("problems", "samples", "passed", "reasons")})
-    rows = [{"task_id": problem["task_id"], "model": label, "completions": samples,
-             "results": [{"passed": r.passed, "reason": r.reason, "duration_s": round(r.duration_s, 3)} for r in outcome]}
-            for problem, samples, outcome in zip(problems, completions, results)]
-    return metrics, rows
-
-
-def score_code(model, tokenizer, problems: list[dict], eot: str, code: CodeTaskParams, batch_size: int, label: str,
-               seed: int = 0) -> tuple[dict, list[dict]]:
-    """HumanEval as raw completion: the problem prompt as is (no chat template), cut at the stops."""
-    prompts = [Prompt(p["task_id"], p["prompt"], "") for p in problems]
-    completions = generate_samples(model, tokenizer, prompts, eot, code.max_new_tokens, batch_size, code.do_sample,
-                                   code.temperature, code.top_p, code.samples, CODE_STOPS, strip=False, seed=seed,
-                                   desc=f"code ({label})")
-    return code_scores(problems, completions, code, label)
 
 
 # ---------------------------------------------------------------- report
@@ -170,6 +144,8 @@ def metrics_png(path: Path, results: dict[str, dict]) -> None:
 def run(params: EvaluateParams, template: TemplateParams, model_dir: Path, data_dir: Path, tokenized_dir: Path,
         out: Path, merged_dir: Path | None = None, seed: int = 0) -> dict:
     set_threads(0)
+    if ((read_meta(model_dir) or {}).get("task") or {}).get("type", "sft") != "sft":
+        return run_task(params, model_dir, data_dir, tokenized_dir, out, merged_dir)
     tokenizer = load_tokenizer(model_dir)
     chat_template = resolve_chat_template(template.chat_template, tokenizer)
     eot = end_of_turn_marker(tokenizer, chat_template)
@@ -232,11 +208,11 @@ def run(params: EvaluateParams, template: TemplateParams, model_dir: Path, data_
     checkpoints["tuned"] = str(model_dir)
     harness("tuned", tuned.model, full_forward)
     del tuned
-    if merged_dir is not None and merged_dir.is_dir():
+    if is_merged(merged_dir):
         checkpoints["merged"] = str(merged_dir)
         harness("merged", load_causal_lm(merged_dir))
     elif merged_dir is not None:
-        log.warning("no merged checkpoint at %s: it is not scored", merged_dir)
+        log.warning("no merged checkpoint at %s (%s): it is not scored", merged_dir, not_merged_reason(merged_dir))
 
     results = {name: results[name] for name in MODEL_ORDER if name in results}
     rows = {name: rows[name] for name in MODEL_ORDER if name in rows}
@@ -259,6 +235,69 @@ def run(params: EvaluateParams, template: TemplateParams, model_dir: Path, data_
     return {**results, "checkpoints": checkpoints}
 
 
+# ---------------------------------------------------------------- task heads (task.type != sft)
+
+
+def run_task(params: EvaluateParams, model_dir: Path, data_dir: Path, tokenized_dir: Path, out: Path,
+             merged_dir: Path | None = None, task_params=None) -> dict:
+    """The same harness for a task head: every checkpoint of the lineage scored on the tokenised test split
+    with the task's metrics (tunekit.heads.score_task), predictions per example, the same report shape.
+    `base` is the base model with the new head untrained (chance level: what the fine-tune starts from);
+    compare heads trained with method `head` (linear probing) and with lora / full for the value of
+    fine-tuning the encoder itself."""
+    from tunekit.heads import TaskSpec, load_task_model, score_task
+    from tunekit.params import TaskParams
+
+    task_params: TaskParams = task_params if task_params is not None else load_section("task")
+    spec = TaskSpec.from_meta(read_meta(model_dir)["task"])
+    tokenizer = load_tokenizer(model_dir)
+    rows = list(read_jsonl(tokenized_dir / "test.jsonl"))
+    records = list(read_jsonl(data_dir / "test.jsonl"))
+    if params.max_examples:
+        records = records[:params.max_examples]
+        kept = {str(r.get("id")) for r in records}
+        rows = [r for r in rows if str(r.get("example_id", r.get("id"))) in kept] if spec.type == "qa" else rows[:params.max_examples]
+    if not rows:
+        raise SystemExit(f"{tokenized_dir / 'test.jsonl'} is empty: raise ingest.test or add data")
+    allow_null = spec.type == "qa" and any(not [a for a in r["answers"]["text"] if a.strip()]
+                                           for split in ("train", "test") for r in read_jsonl(data_dir / f"{split}.jsonl"))
+    log.info("task %s: generation, few-shot prompting and HumanEval do not apply to a %s head; scoring its "
+             "predictions on %d test rows instead", spec.type, spec.type, len(rows))
+    tuned = load_tuned(model_dir)
+    checkpoints = {"base": str(resolve_checkpoint(tuned.base_dir)), "tuned": str(model_dir)}
+    results, predictions, extras = {}, {}, {}
+    with atomic_dir(out) as tmp:
+        def harness(label: str, model) -> None:
+            results[label], predictions[label], extras[label] = score_task(
+                model, spec, rows, records, tokenizer.pad_token_id, params.batch_size, label, task_params, tmp, allow_null)
+
+        with tuned.base() as base:
+            harness("base", base)
+        harness("tuned", tuned.model)
+        del tuned
+        if is_merged(merged_dir):
+            checkpoints["merged"] = str(merged_dir)
+            harness("merged", load_task_model(merged_dir, spec))
+        elif merged_dir is not None:
+            log.warning("no merged checkpoint at %s (%s): it is not scored", merged_dir, not_merged_reason(merged_dir))
+        for name, examples in predictions.items():
+            write_jsonl(tmp / f"predictions_{name}.jsonl", examples)
+        write_json(tmp / "confusion_matrices.json", {name: {"labels": list(spec.labels), **extra}
+                                                      for name, extra in extras.items() if extra})
+        columns, table = table_rows(results)
+        write_csv(tmp / "report.csv", table, columns)
+        metrics_png(tmp / "metrics.png", results)
+        report = markdown_report(results, predictions, checkpoints).replace(
+            "# Evaluation on the test split", f"# Evaluation on the test split: {spec.type} head", 1)
+        (tmp / "report.md").write_text(report + "".join(f"\n![confusion matrix ({name})](confusion_{name}.png)\n"
+                                                        for name in extras if extras[name]), encoding="utf-8")
+    numeric = [k for k, v in results["tuned"].items() if isinstance(v, float)]
+    summary = {**results, "delta": {k: results["tuned"][k] - results["base"][k] for k in numeric},
+               "task": spec.type, "checkpoints": checkpoints}
+    log.info("scored %s (%s head; base = untrained head)", ", ".join(results), spec.type)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="fine-tuned checkpoint (its meta.json names the base)")
@@ -273,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     params: EvaluateParams = load_section("evaluate")
     template: TemplateParams = load_section("template")
 
-    with stage_run("evaluate", project.experiment, params, tags=data_tags(test=args.data / "test.jsonl")) as mlflow:
+    with stage_run("evaluate", project.experiment, params, tags=data_tags(test=args.data / "test.jsonl"),
+                   system_metrics=True) as mlflow:
         results = run(params, template, args.model, args.data, args.tokenized, args.out, args.merged, project.seed)
         write_json(args.metrics, results)
         log_metrics(mlflow, {k: v for k, v in results.items() if k != "checkpoints"})
@@ -281,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         columns, table = table_rows({name: results[name] for name in MODEL_ORDER if name in results})
         mlflow.log_table({c: [float("nan") if row[c] is None else row[c] for row in table] for c in columns},
                          artifact_file="evaluate/table.json")
+        log_datasets(mlflow, "ingested", {"test": args.data / "test.jsonl"})
+        log_datasets(mlflow, "tokenized", {"test": args.tokenized / "test.jsonl"})
     for name in MODEL_ORDER:
         if name in results:
             log.info("%s: %s", name, {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)})

@@ -37,12 +37,14 @@ from pathlib import Path
 
 import torch
 
+from tunekit.card import write_card
+from tunekit.heads import TaskObjective
 from tunekit.io import atomic_dir, content_hash, read_jsonl, read_meta, write_json, write_meta
 from tunekit.methods import Method, method_for, parameter_counts
 from tunekit.models import load_tokenizer, set_threads
 from tunekit.params import FinetuneParams, ProjectParams, TemplateParams, load_section
 from tunekit.plots import forgetting_curve_png, loss_curve_png, write_csv
-from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
+from tunekit.tracking import configure_logging, data_tags, log_checkpoint, log_datasets, log_metrics, stage_run
 from tunekit.train import BF16_ON_CPU, TrainConfig, barrier, dist_info, replay_lm_rows, train
 
 log = logging.getLogger("tunekit")
@@ -55,13 +57,30 @@ def run_key(params: FinetuneParams, seed: int, base_hash: str, data_hashes: dict
 
 
 def write_output(out: Path, method: Method, model: torch.nn.Module, tokenizer, params: dict, model_dir: Path,
-                 data_hashes: dict[str, str]) -> None:
-    """The method's checkpoint (adapter or full weights), the tokenizer, and meta.json saying which it is."""
+                 data_hashes: dict[str, str], task: dict | None = None) -> None:
+    """The method's checkpoint (adapter or full weights), the tokenizer, and meta.json saying which it is
+    (and, for a task head, the task: type, labels, pooling, class weights; tunekit.heads.TaskSpec)."""
     method.checkpoint.save(model, out)
     tokenizer.save_pretrained(out)
     write_meta(out, "finetune", params, parent=model_dir, data=data_hashes,
                extra={"method": method.name, "mergeable": method.mergeable, "saves_adapter": method.saves_adapter,
-                      "full_forward": method.full_forward})
+                      "full_forward": method.full_forward, **({"task": task} if task else {})})
+
+
+def task_setup(task, params: FinetuneParams, method: Method, model_dir: Path, data_dir: Path):
+    """(TaskSpec, the method re-targeted at task models) for `task.type` != sft, from labels.json."""
+    from tunekit.heads import task_method, task_spec
+    from tunekit.tasks import load_labels
+
+    if params.replay.ratio > 0 or params.forgetting_every_n_steps:
+        raise SystemExit(f"task.type {task.type}: finetune.replay and finetune.forgetting_every_n_steps mix in or score "
+                         "general text with the language-modelling loss, which a task head has no use for; set "
+                         "finetune.replay.ratio: 0 and finetune.forgetting_every_n_steps: null")
+    spec = task_spec(task, load_labels(data_dir), model_dir, list(read_jsonl(data_dir / "train.jsonl")))
+    log.info("task %s: %d labels %s, pooling %s, %s%s", spec.type, spec.num_labels, list(spec.labels)[:8],
+             spec.pooling, "encoder" if spec.encoder else "decoder",
+             f", class weights {[round(w, 3) for w in spec.class_weights]}" if spec.class_weights else "")
+    return spec, task_method(method, spec)
 
 
 def general_text_rows(params: FinetuneParams, tokenizer, replay_max_length: int) -> tuple[list[dict], list[dict]]:
@@ -105,7 +124,7 @@ def _load_for_training(method: Method, model_dir: Path, device: torch.device) ->
 
 
 def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out: Path,
-        plots: Path, checkpoints: Path, template_max_length: int = 512) -> tuple[dict, dict]:
+        plots: Path, checkpoints: Path, template_max_length: int = 512, task=None) -> tuple[dict, dict]:
     rank, world = dist_info()
     device = _device()
     if params.precision == "bf16" and device.type != "cuda":
@@ -115,6 +134,9 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_dir)
     method = method_for(params)
+    spec = None
+    if task is not None and task.type != "sft":  # a head on the base (tunekit.heads)
+        spec, method = task_setup(task, params, method, model_dir, data_dir)
     model = method.prepare(_load_for_training(method, model_dir, device), params)
     counts = parameter_counts(model)
     log.info("method %s: %d of %d parameters trainable (%.3f%%)", method.name, counts["trainable_parameters"],
@@ -126,13 +148,14 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
         raise SystemExit(f"{data_dir / 'train.jsonl'} holds no examples: check the ingest and template metrics")
     data_hashes = {name: content_hash(data_dir / f"{name}.jsonl") for name in ("train", "validation")}
     base_hash = (read_meta(model_dir) or {}).get("hash") or content_hash(model_dir)
-    ckpt_dir = checkpoints / run_key(params, seed, base_hash, data_hashes)
+    ckpt_dir = checkpoints / run_key(params, seed, base_hash, {**data_hashes, **({"task": json.dumps(spec.to_meta())} if spec else {})})
     replay_rows, probe_rows = general_text_rows(params, tokenizer, params.replay.max_length or template_max_length)
 
     cfg = TrainConfig(
         **params.loop_config(), lr=params.lr, seed=seed, full_forward=method.full_forward,
         layer_lr_decay=params.layer_lr_decay, head_lr=params.head_lr, l2_to_init=params.l2_to_init, replay_ratio=params.replay.ratio,
         forgetting_every=params.forgetting_every_n_steps, precision=params.precision,
+        objective=None if spec is None else TaskObjective(spec),
     )
     started = time.perf_counter()
     state = train(model, train_rows, val_rows, cfg, tokenizer.pad_token_id, ckpt_dir,
@@ -144,7 +167,9 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
             write_json(tmp / "history.json", {"train": state.history, "validation": state.evals,
                                               **({"probe": state.probes} if state.probes else {})})
             write_output(tmp, method, model.cpu() if device.type == "cuda" and method.name != "qlora" else model,
-                         tokenizer, {"seed": seed, **params.model_dump()}, model_dir, data_hashes)
+                         tokenizer, {"seed": seed, **params.model_dump()}, model_dir, data_hashes,
+                         spec.to_meta() if spec else None)
+            write_card(tmp, {"finetune": counts})
         write_csv(plots / "train_loss.csv", state.history, ["step", "train_loss"])
         write_csv(plots / "val_loss.csv", state.evals, ["step", "val_loss"])
         loss_curve_png(plots / "loss.png", state.history, state.evals, f"finetune ({method.name})")
@@ -213,11 +238,12 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("tunekit").setLevel(logging.WARNING)  # one voice in the log
 
     tags = {"method": params.method, **data_tags(train=args.data / "train.jsonl", validation=args.data / "validation.jsonl")}
-    tracked = stage_run("finetune", project.experiment, params, tags=tags) if rank == 0 else contextlib.nullcontext()
+    tracked = stage_run("finetune", project.experiment, params, tags=tags, system_metrics=True) if rank == 0 \
+        else contextlib.nullcontext()
     try:
         with tracked as mlflow:
             metrics, curves = run(params, project.seed, args.model, args.data, args.out, args.plots, args.checkpoints,
-                                  template.max_length)
+                                  template.max_length, load_section("task"))
             if rank == 0:
                 write_json(args.metrics, metrics)
                 log_metrics(mlflow, metrics)
@@ -230,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
                 mlflow.log_artifact(str(args.plots / "loss.png"))
                 if curves["probes"]:
                     mlflow.log_artifact(str(args.plots / "forgetting_curve.png"))
+                log_datasets(mlflow, "tokenized", {s: args.data / f"{s}.jsonl" for s in ("train", "validation")})
+                log_checkpoint(mlflow, args.out, "finetune")
     finally:
         if distributed:
             torch.distributed.destroy_process_group()

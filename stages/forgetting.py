@@ -8,17 +8,21 @@ shipped in `pydoc_data.topics`) with the base checkpoint, the fine-tuned model a
 and reports each one's loss, perplexity and change against the base. The base is read from the
 fine-tuned checkpoint's meta.json (its lineage), not re-declared; its scores are cached under
 --cache, keyed by the base's hash, the probe and max_length.
+
+Optionally (`forgetting.code.enabled`), a general-ability probe for code models: HumanEval pass@1 of
+the same models (completions run only in tunekit.sandbox), with its change against the base.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 from tunekit.forgetting import (BaseScoreCache, ProbeError, base_scores, cache_key, checkpoint_hash, compare, load_probe,
                                 loss_bar_png, markdown_report, score, tokenize_probe)
-from tunekit.io import atomic_dir, read_meta, write_json
+from tunekit.io import atomic_dir, is_merged, not_merged_reason, read_meta, write_json
 from tunekit.methods import load_tuned
 from tunekit.models import load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import ForgettingParams, ProjectParams, load_section
@@ -41,6 +45,11 @@ def lineage(model_dir: Path) -> tuple[Path, dict]:
 def run(params: ForgettingParams, model_dir: Path, merged_dir: Path | None, out: Path, cache_dir: Path) -> dict:
     set_threads(params.threads)
     base_dir, meta = lineage(model_dir)
+    task = meta.get("task") or "sft"
+    task = task.get("type", "sft") if isinstance(task, dict) else task
+    if task != "sft":
+        return not_applicable(out, f"{model_dir} was fine-tuned for task {task!r}: a task head has no language-model "
+                                   "output to score a general-text probe with, so forgetting is measured for sft only")
     try:
         probe = load_probe(params.probe, params.probe_passages)
         tokenizer = load_tokenizer(base_dir)  # one tokenisation of the probe for every model
@@ -63,20 +72,80 @@ def run(params: ForgettingParams, model_dir: Path, merged_dir: Path | None, out:
     results["tuned"] = compare(base, score(tuned.model, rows, pad_id, params.batch_size, tuned.method.full_forward))
     del tuned
 
-    if merged_dir is not None and merged_dir.is_dir():
+    if is_merged(merged_dir):
         merged_meta = read_meta(merged_dir) or {}
         if (merged_meta.get("parent") or {}).get("hash") not in (None, meta.get("hash")):
             log.warning("%s was merged from another fine-tune than %s; re-run the merge stage", merged_dir, model_dir)
         results["merged"] = compare(base, score(load_causal_lm(merged_dir), rows, pad_id, params.batch_size))
     elif merged_dir is not None:
-        log.warning("no merged checkpoint at %s: only base and tuned are scored", merged_dir)
+        log.warning("no merged checkpoint at %s (%s): only base and tuned are scored", merged_dir,
+                    not_merged_reason(merged_dir))
+
+    code = general_ability(params, model_dir, merged_dir if "merged" in results else None, base_dir, base_hash,
+                           tokenizer, cache_dir) if params.code.enabled else {}
 
     with atomic_dir(out) as tmp:
-        (tmp / "report.md").write_text(markdown_report(results, probe, params.max_length, cached), encoding="utf-8")
+        report = markdown_report(results, probe, params.max_length, cached)
+        if code:
+            report += code_report(code, params)
+        (tmp / "report.md").write_text(report, encoding="utf-8")
         loss_bar_png(tmp / "loss.png", results, f"probe loss ({len(rows)} passages)")
-    return {**results, "base_cached": cached,
+    return {**results, **({"code": code} if code else {}), "base_cached": cached,
             "probe": {"passages": len(rows), "available": probe.available, "tokens": base["tokens"]},
             "probe_hash": probe.hash[:16]}
+
+
+def not_applicable(out: Path, reason: str) -> dict:
+    log.warning("forgetting not measured: %s", reason)
+    with atomic_dir(out) as tmp:
+        (tmp / "report.md").write_text(f"# Forgetting on a general-text probe\n\nNot measured: {reason}.\n", encoding="utf-8")
+    return {"measured": 0, "reason": reason}
+
+
+def general_ability(params: ForgettingParams, model_dir: Path, merged_dir: Path | None, base_dir: Path, base_hash: str,
+                    tokenizer, cache_dir: Path) -> dict:
+    """HumanEval pass@k of base, tuned and merged (completions run only in tunekit.sandbox), each with its
+    change against the base: a drop is forgetting of a general ability. The base's result is cached."""
+    from tunekit.generate import score_code
+    from tunekit.sandbox import load_humaneval
+
+    code = params.code
+    problems = load_humaneval(code.problems)
+    eot = tokenizer.eos_token or ""  # raw completion, no chat template: stop at eos or the code stops
+
+    def run_one(model, label: str) -> dict:
+        metrics, _ = score_code(model, tokenizer, problems, eot, code, params.batch_size, label)
+        return metrics
+
+    key = cache_key(base_hash, "humaneval:" + json.dumps(code.model_dump(exclude={"enabled"}), sort_keys=True), 0)
+    cache = BaseScoreCache(cache_dir)
+    base = cache.get(key)
+    if base is None:
+        base = run_one(load_causal_lm(base_dir), "base")
+        cache.put(key, base, base=str(base_dir), base_hash=base_hash, probe="humaneval")
+    results = {"base": base}
+    tuned = load_tuned(model_dir)
+    results["tuned"] = run_one(tuned.model, "tuned")
+    del tuned
+    if merged_dir is not None:
+        results["merged"] = run_one(load_causal_lm(merged_dir), "merged")
+    for name in ("tuned", "merged"):
+        if name in results:
+            for k in code.ks:
+                results[name][f"pass_at_{k}_delta"] = results[name][f"pass_at_{k}"] - base[f"pass_at_{k}"]
+    return results
+
+
+def code_report(code: dict, params: ForgettingParams) -> str:
+    keys = [f"pass_at_{k}" for k in params.code.ks]
+    lines = ["## General ability: HumanEval", "",
+             f"First {params.code.problems} problems, {params.code.samples} completion(s) each "
+             f"({'sampled' if params.code.do_sample else 'greedy'}), run in the sandbox; a negative delta is forgetting.", "",
+             "| model | " + " | ".join(keys + [f"{k} delta" for k in keys]) + " |", "|---" * (2 * len(keys) + 1) + "|"]
+    for name, metrics in code.items():
+        deltas = [f"{metrics[f'{k}_delta']:+.3f}" if f"{k}_delta" in metrics else "" for k in keys]
+        lines.append(f"| {name} | " + " | ".join([f"{metrics[k]:.3f}" for k in keys] + deltas) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         metrics = run(params, args.model, args.merged, args.out, args.cache)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)  # numbers only: base_cached (a bool) and the probe hash go in as tags
-        mlflow.set_tags({"probe": params.probe, "probe_hash": metrics["probe_hash"], "base_cached": str(metrics["base_cached"]).lower()})
+        if metrics.get("measured", 1):
+            mlflow.set_tags({"probe": params.probe, "probe_hash": metrics["probe_hash"], "base_cached": str(metrics["base_cached"]).lower()})
+        else:
+            mlflow.set_tag("not_measured", metrics["reason"])
         mlflow.log_artifacts(str(args.out), artifact_path="forgetting")
     for name in ("tuned", "merged"):
         if name in metrics:

@@ -4,6 +4,8 @@
 
 Reads `ingest.inputs` (a file or a directory of *.jsonl) in any supported format. Every line is
 accepted, counted as a duplicate, or written to <out>/rejects.jsonl with its file, line and reason.
+`task.type` chooses the formats: the chat formats for sft, the task's own formats (classification,
+token_classification / CoNLL, squad) for a head-based task.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ from pathlib import Path
 
 from tunekit.ingest import IngestError, ingest
 from tunekit.io import write_json
-from tunekit.params import IngestParams, ProjectParams, load_section
+from tunekit.params import IngestParams, ProjectParams, TaskParams, load_section
 from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
 
 log = logging.getLogger("tunekit")
 
 
-def run(params: IngestParams, out: Path) -> dict:
+def run(params: IngestParams, out: Path, task: TaskParams | None = None) -> dict:
     return ingest(params.inputs, out, fmt=params.format, max_chars=params.max_chars,
-                  max_reject_rate=params.max_reject_rate, validation=params.validation, test=params.test)
+                  max_reject_rate=params.max_reject_rate, validation=params.validation, test=params.test,
+                  task=(task or TaskParams()).type)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,11 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     project: ProjectParams = load_section("project")
     params: IngestParams = load_section("ingest")
+    task: TaskParams = load_section("task")
 
-    tags = {"data.inputs_path": params.inputs, **data_tags(inputs=Path(params.inputs))}
+    tags = {"data.inputs_path": params.inputs, "task.type": task.type, **data_tags(inputs=Path(params.inputs))}
     with stage_run("ingest", project.experiment, params, tags=tags) as mlflow:
         try:
-            metrics = run(params, args.out)
+            metrics = run(params, args.out, task)
         except IngestError as exc:
             mlflow.set_tag("error", str(exc)[:5000])
             print(f"ingest failed:\n{exc}", file=sys.stderr)

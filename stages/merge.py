@@ -15,7 +15,9 @@ What happens depends on the method that wrote --model (its meta.json):
   the check compares with the adapter on that same full-precision base.
 - full, freeze, head: the checkpoint already is standalone weights; it is written through unchanged
   (and checked the same way), so the pipeline's merged output exists for every method.
-- adapter, prompt_tuning, prefix_tuning, p_tuning: refused, saying why and how to serve them instead.
+- adapter, prompt_tuning, prefix_tuning, p_tuning: refused, saying why and how to serve them instead
+  (a warning, NOT_MERGED.md and a meta.json with `merged: false` in --out, no weights). The stage
+  still succeeds, so evaluate and forgetting score the tuned model; they skip the refusal.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from tunekit.io import atomic_dir, read_jsonl, read_meta, write_json, write_meta
+from tunekit.card import write_card
+from tunekit.io import NOT_MERGED, atomic_dir, read_jsonl, read_meta, write_json, write_meta
 from tunekit.methods import method_of_checkpoint
 from tunekit.models import load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import MergeParams, ProjectParams, load_section
-from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
+from tunekit.tracking import configure_logging, data_tags, log_checkpoint, log_datasets, log_metrics, stage_run
 from tunekit.train import collate
 
 log = logging.getLogger("tunekit")
@@ -52,6 +55,30 @@ def max_logit_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -
     return float((a - b).abs().amax(dim=-1)[mask.bool()].max())
 
 
+def trained_token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
+    """Mean next-token cross-entropy over the trained (labelled) tokens."""
+    targets = batch["labels"][:, 1:]
+    selected = targets != -100
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1][selected].float(), targets[selected]))
+
+
+def qlora_drift(method, model_dir: Path, base_dir: Path, batch: dict[str, torch.Tensor],
+                merged_logits: torch.Tensor) -> dict:
+    """How far the merged full-precision checkpoint is from the QLoRA model as it was trained (the
+    adapter on the 4-bit NF4 base): max and mean |logit| difference over real tokens, and the loss over
+    trained tokens of both (loss_difference = merged - quantised). The merge itself is exact (checked
+    against the adapter on the full-precision base); this is the quantisation error the merge removes."""
+    quantised = method.checkpoint.load(model_dir, lambda: method.load_base(base_dir))
+    quantised_logits = logits_on(quantised, batch)
+    del quantised
+    difference = (quantised_logits.float() - merged_logits.float()).abs()[batch["attention_mask"].bool()]
+    loss_quantised, loss_merged = trained_token_loss(quantised_logits, batch), trained_token_loss(merged_logits, batch)
+    drift = {"max_logit_difference": float(difference.max()), "mean_logit_difference": float(difference.mean()),
+             "loss_quantised": loss_quantised, "loss_merged": loss_merged, "loss_difference": loss_merged - loss_quantised}
+    log.info("qlora drift, 4-bit adapter model vs merged full-precision checkpoint: %s", drift)
+    return drift
+
+
 def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict:
     set_threads(0)
     meta = read_meta(model_dir)
@@ -59,7 +86,9 @@ def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict
         raise SystemExit(f"{model_dir}/meta.json is missing or names no parent checkpoint; re-run the finetune stage")
     method = method_of_checkpoint(meta)
     if method.saves_adapter and not method.mergeable:
-        raise SystemExit(f"{model_dir}: method {method.name!r} cannot be merged into the base weights: {method.why_not_mergeable}")
+        return write_refusal(params, model_dir, out, method.name, method.why_not_mergeable)
+    if (meta.get("task") or {}).get("type", "sft") != "sft":
+        return merge_task(params, model_dir, data_dir, out, meta, method)
     base_dir = Path(meta["parent"]["path"])
     tokenizer = load_tokenizer(model_dir)
     rows = list(read_jsonl(data_dir / "test.jsonl"))[:params.check_examples] or \
@@ -87,8 +116,81 @@ def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict
             )
         write_meta(tmp, "merge", params.model_dump(), parent=model_dir,
                    extra={"base": str(base_dir), "method": method.name, "max_logit_difference": difference})
-    return {"max_logit_difference": difference, "checked_examples": len(rows),
-            "checked_tokens": int(batch["attention_mask"].sum())}
+        metrics = {"merged": 1, "max_logit_difference": difference, "checked_examples": len(rows),
+                   "checked_tokens": int(batch["attention_mask"].sum())}
+        if method.name == "qlora":
+            metrics["qlora_drift"] = qlora_drift(method, model_dir, base_dir, batch, reloaded_logits)
+        write_card(tmp, {"merge": metrics})
+    return metrics
+
+
+def write_refusal(params: MergeParams, model_dir: Path, out: Path, method: str, why: str) -> dict:
+    """The output of a merge that cannot be: no weights, a meta.json with `merged: false` and a
+    NOT_MERGED.md saying why and how to serve the adapter instead. The stage succeeds, so evaluate and
+    forgetting still score the tuned model in the pipeline; they read `merged: false` and skip this."""
+    reason = f"{model_dir}: method {method!r} cannot be merged into the base weights: {why}"
+    log.warning("%s", reason)
+    with atomic_dir(out) as tmp:
+        (tmp / NOT_MERGED).write_text(f"# Not merged\n\n{reason}\n", encoding="utf-8")
+        write_meta(tmp, "merge", params.model_dump(), parent=model_dir,
+                   extra={"method": method, "merged": False, "reason": reason})
+    return {"merged": 0}
+
+
+# ---------------------------------------------------------------- task heads (task.type != sft)
+
+
+def merge_task(params: MergeParams, model_dir: Path, data_dir: Path, out: Path, meta: dict, method) -> dict:
+    """A task checkpoint as one standalone model WITH its head: PEFT's merge_and_unload folds the adapter
+    into the base and keeps the trained head (modules_to_save); full checkpoints are written through.
+    Accepted only when the merged checkpoint, reloaded with tunekit.heads.load_task_model, predicts
+    exactly what the adapter model predicts on held-out rows, with logits within merge.atol."""
+    from tunekit.heads import TaskSpec, load_task_base, load_task_model, max_logit_difference, predict, predicted_classes
+
+    spec = TaskSpec.from_meta(meta["task"])
+    base_dir = Path(meta["parent"]["path"])
+    tokenizer = load_tokenizer(model_dir)
+    rows = list(read_jsonl(data_dir / "test.jsonl"))[:params.check_examples] or \
+        list(read_jsonl(data_dir / "validation.jsonl"))[:params.check_examples]
+    if not rows:
+        raise SystemExit(f"{data_dir}: no test or validation examples to check the merge on")
+    # Always the full-precision base (qlora included): merging into 4-bit weights would bake the quantisation in.
+    if method.saves_adapter:
+        model = method.checkpoint.load(model_dir, lambda: load_task_base(base_dir, spec))
+    else:
+        model = load_task_model(model_dir, spec)
+    before, _ = predict(model, rows, spec, tokenizer.pad_token_id, params.check_examples, desc="predict (adapter)")
+    merged = method.checkpoint.merge(model)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        after, _ = predict(load_task_model(tmp, spec), rows, spec, tokenizer.pad_token_id, params.check_examples,
+                           desc="predict (merged)")
+        difference = max_logit_difference(before, after)
+        same = predicted_classes(before, spec) == predicted_classes(after, spec)
+        log.info("%s head: largest |logit| difference, adapter vs merged checkpoint: %.3g (tolerance %.3g); "
+                 "predictions identical: %s", spec.type, difference, params.atol, same)
+        if not (difference <= params.atol and same):
+            raise MergeMismatch(
+                f"merged {spec.type} model differs from the adapter model (largest logit difference {difference:.4g}, "
+                f"merge.atol={params.atol}, identical predictions: {same}): the merged checkpoint was not written. "
+                "Check that the adapter and base match (meta.json lineage).")
+        write_meta(tmp, "merge", params.model_dump(), parent=model_dir,
+                   extra={"base": str(base_dir), "method": method.name, "max_logit_difference": difference,
+                          "task": meta["task"]})
+        metrics = {"merged": 1, "task_head": 1, "max_logit_difference": difference, "predictions_identical": int(same),
+                   "checked_examples": len(rows)}
+        write_card(tmp, {"merge": metrics})
+    return metrics
+
+
+def log_task_model(mlflow, model_dir: Path) -> None:
+    """Task heads are logged as the checkpoint directory (artifact path `task_model`), not registered:
+    mlflow.transformers needs a transformers pipeline, and tunekit's own pooling heads are no pipeline."""
+    log.info("task head: mlflow.transformers cannot log it as a pipeline (custom pooling heads are not transformers "
+             "classes); logging the merged checkpoint directory as artifacts (task_model/) instead of registering it. "
+             "Load it with tunekit.heads.load_task_model(dir)")
+    mlflow.log_artifacts(str(model_dir), artifact_path="task_model")
 
 
 REGISTRY_ALIAS = "candidate"
@@ -140,8 +242,14 @@ def main(argv: list[str] | None = None) -> None:
         metrics = run(params, args.model, args.data, args.out)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)
-        if params.registered_model:
+        if not metrics["merged"]:
+            mlflow.log_artifact(str(args.out / NOT_MERGED))
+        elif metrics.get("task_head"):
+            log_task_model(mlflow, args.out)
+        elif params.registered_model:
             mlflow.set_tag("registered_model", f"{params.registered_model}/{register_merged(mlflow, args.out, params.registered_model)}")
+        log_checkpoint(mlflow, args.out, "merged")
+        log_datasets(mlflow, "tokenized", {"test": args.data / "test.jsonl"})
     log.info("merged checkpoint written to %s: %s", args.out, metrics)
 
 

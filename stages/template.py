@@ -6,6 +6,9 @@ to the assistant turns; optionally pack the training split.
 
 Examples left with no trained token after truncation are not trained on; they are counted in the
 metrics and listed, with their source line, in <preview>/dropped.jsonl.
+
+With `task.type` other than sft the stage tokenises the task data instead (tunekit/tasks.py): label
+alignment, QA windows, <out>/labels.json, and a token/label table as the preview.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from tqdm.auto import tqdm
 from tunekit.chat import IGNORE_INDEX, Encoded, encode_conversation, pack, preview_html, resolve_chat_template
 from tunekit.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from tunekit.models import load_tokenizer
-from tunekit.params import ProjectParams, TemplateParams, load_section
-from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
+from tunekit.params import ProjectParams, TaskParams, TemplateParams, load_section
+from tunekit.tracking import configure_logging, data_tags, log_datasets, log_metrics, stage_run
 
 log = logging.getLogger("tunekit")
 SPLITS = ("train", "validation", "test")
@@ -49,8 +52,15 @@ def encode_split(records: list[dict], tokenizer, chat_template: str, params: Tem
     return kept, dropped, stats
 
 
-def run(params: TemplateParams, model_dir: Path, data_dir: Path, out: Path, preview: Path) -> dict:
+def run(params: TemplateParams, model_dir: Path, data_dir: Path, out: Path, preview: Path,
+        task: TaskParams | None = None) -> dict:
     tokenizer = load_tokenizer(model_dir)
+    if task is not None and task.type != "sft":
+        from tunekit.tasks import tokenize_task
+
+        with atomic_dir(out) as tmp_out, atomic_dir(preview) as tmp_preview:
+            return tokenize_task(task.type, task, params.max_length, tokenizer, data_dir, tmp_out, tmp_preview,
+                                 params.preview_examples)
     chat_template = resolve_chat_template(params.chat_template, tokenizer)
     metrics: dict = {}
     all_dropped: list[dict] = []
@@ -97,12 +107,19 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     project: ProjectParams = load_section("project")
     params: TemplateParams = load_section("template")
+    task: TaskParams = load_section("task")
 
-    with stage_run("template", project.experiment, params, tags=data_tags(ingested=args.data)) as mlflow:
-        metrics = run(params, args.model, args.data, args.out, args.preview)
+    tags = {"task.type": task.type, **data_tags(ingested=args.data)}
+    with stage_run("template", project.experiment, params, tags=tags) as mlflow:
+        metrics = run(params, args.model, args.data, args.out, args.preview, task)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)
         mlflow.log_artifacts(str(args.preview), artifact_path="template")
+        log_datasets(mlflow, "ingested", {s: args.data / f"{s}.jsonl" for s in ("train", "validation", "test")})
+    if task.type != "sft":
+        log.info("template (%s): %d examples, %d labels, %d truncated", task.type, metrics["examples"],
+                 metrics["labels"], metrics["truncated"])
+        return
     log.info("template: trained fraction %.3f, end-of-turn trained in %.1f%% of examples, %d truncated",
              metrics["trained_fraction"], 100 * metrics["eot_trained_fraction"], metrics["truncated"])
 

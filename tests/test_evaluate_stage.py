@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 
 from stages import evaluate
 from tunekit.chat import encode_conversation, resolve_chat_template
-from tunekit.generate import choose_demonstrations, cut_at_stops, few_shot_records, prompts_from_conversations
+from tunekit.generate import choose_demonstrations, code_scores, cut_at_stops, few_shot_records, prompts_from_conversations
 from tunekit.io import read_jsonl, write_jsonl, write_meta
 from tunekit.models import load_causal_lm
 from tunekit.params import CodeTaskParams, EvaluateParams, TemplateParams
@@ -128,10 +128,10 @@ def test_few_shot_prompt_holds_k_train_demonstrations_and_nothing_from_test(proj
 def test_canonical_solutions_pass_through_the_same_scoring(tmp_path):
     problems = load_humaneval(3)
     code = CodeTaskParams(ks=[1], samples=1, do_sample=False)
-    metrics, rows = evaluate.code_scores(problems, [[p["canonical_solution"]] for p in problems], code, "oracle")
+    metrics, rows = code_scores(problems, [[p["canonical_solution"]] for p in problems], code, "oracle")
     assert metrics["pass_at_1"] == 1.0 and metrics["passed"] == 3 and metrics["reasons"] == {"passed": 3}
     assert [r["results"][0]["reason"] for r in rows] == ["passed"] * 3
-    metrics, rows = evaluate.code_scores(problems, [["    return None\n"]] * 3, code)
+    metrics, rows = code_scores(problems, [["    return None\n"]] * 3, code)
     assert metrics["pass_at_1"] == 0.0 and all(r["results"][0]["reason"].startswith("failed") for r in rows)
 
 

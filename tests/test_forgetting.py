@@ -94,7 +94,10 @@ def test_untouched_models_show_zero_forgetting_and_base_scores_are_cached(tiny_m
     assert abs(first["tuned"]["loss_delta"]) <= 1e-6 and abs(first["tuned"]["relative_loss_change"]) <= 1e-6
     assert first["tuned"]["perplexity_ratio"] == pytest.approx(1, abs=1e-6)
 
-    second = forgetting.run(params, full, tmp_path / "no-merged-here", tmp_path / "out2", cache)
+    refused = tmp_path / "refused"  # what the merge stage writes for a method that cannot merge
+    refused.mkdir()
+    write_meta(refused, "merge", {}, parent=adapter, extra={"merged": False, "reason": "adapter cannot be merged"})
+    second = forgetting.run(params, full, refused, tmp_path / "out2", cache)
     assert second["base_cached"] is True and second["base"] == first["base"]
     assert abs(second["tuned"]["loss_delta"]) <= 1e-6 and "merged" not in second
     assert "came from the cache" in (tmp_path / "out2" / "report.md").read_text()
@@ -137,3 +140,32 @@ def test_stage_refuses_a_missing_probe_before_loading_models(tiny_model_dir, smo
     with pytest.raises(SystemExit, match=r"forgetting\.probe: probe file .*missing\.txt does not exist"):
         forgetting.run(ForgettingParams(probe=str(tmp_path / "missing.txt")), adapter, None, tmp_path / "out", tmp_path / "cache")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_general_ability_probe_scores_humaneval_for_each_model_in_the_sandbox(tiny_model_dir, smollm2_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    lora = get_peft_model(load_causal_lm(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    adapter = adapter_checkpoint(lora, tiny_model_dir, smollm2_tokenizer, tmp_path / "adapter")
+    code = {"enabled": True, "problems": 2, "max_new_tokens": 6, "timeout": 5}
+    params, cache = ForgettingParams(**SMALL, code=code), tmp_path / "cache"
+    metrics = forgetting.run(params, adapter, None, tmp_path / "out", cache)
+    assert set(metrics["code"]) == {"base", "tuned"}
+    for name in ("base", "tuned"):
+        result = metrics["code"][name]
+        # A random tiny model writes no working function: every completion ran in the sandbox and failed.
+        assert result["problems"] == 2 and result["samples"] == 2 and result["passed"] == 0 and result["pass_at_1"] == 0
+        assert sum(result["reasons"].values()) == 2 and "passed" not in result["reasons"]
+    assert metrics["code"]["tuned"]["pass_at_1_delta"] == 0
+    assert "## General ability: HumanEval" in (tmp_path / "out" / "report.md").read_text()
+    entries = json.loads((cache / CACHE_FILE).read_text())
+    assert [e["probe"] for e in entries.values()].count("humaneval") == 1  # the base's pass@1 is cached
+
+
+def test_task_head_checkpoints_are_reported_as_not_measured(tiny_model_dir, tmp_path):
+    tuned = tmp_path / "classifier"
+    tuned.mkdir()
+    write_meta(tuned, "finetune", {}, parent=tiny_model_dir, extra={"method": "full", "task": "classification"})
+    metrics = forgetting.run(ForgettingParams(**SMALL), tuned, None, tmp_path / "out", tmp_path / "cache")
+    assert metrics["measured"] == 0 and "task 'classification'" in metrics["reason"]
+    assert "Not measured" in (tmp_path / "out" / "report.md").read_text()
+    assert not (tmp_path / "cache").exists()  # nothing was scored

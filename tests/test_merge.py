@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from stages import merge
 from tunekit.chat import encode_conversation, resolve_chat_template
-from tunekit.io import write_jsonl, write_meta
+from tunekit.io import NOT_MERGED, is_merged, write_jsonl, write_meta
 from tunekit.models import load_causal_lm
 from tunekit.params import MergeParams
 from tunekit.train import collate
@@ -58,6 +58,7 @@ def test_merged_checkpoint_matches_adapter_logits_and_loads_without_peft(adapter
 def test_merge_refuses_a_checkpoint_its_method_cannot_merge(adapter_and_data, tiny_model_dir, tmp_path):
     adapter, data, _ = adapter_and_data
     write_meta(adapter, "finetune", {}, parent=tiny_model_dir, extra={"method": "adapter", "mergeable": False})
-    with pytest.raises(SystemExit, match="cannot be merged"):
-        merge.run(MergeParams(), adapter, data, tmp_path / "merged")
-    assert not (tmp_path / "merged").exists()
+    assert merge.run(MergeParams(), adapter, data, tmp_path / "merged") == {"merged": 0}
+    assert not is_merged(tmp_path / "merged") and not list((tmp_path / "merged").glob("*.safetensors"))
+    assert "cannot be merged" in (tmp_path / "merged" / NOT_MERGED).read_text()
+    assert not is_merged(tmp_path / "missing")

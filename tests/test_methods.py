@@ -8,6 +8,7 @@ checkpoint plain transformers loads or refuses saying why.
 """
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from stages import evaluate, finetune, merge
 from tests.conftest import tiny_llama
 from tunekit.chat import encode_conversation, pack, resolve_chat_template
 from tunekit.generate import Prompt, generate
-from tunekit.io import write_jsonl
+from tunekit.io import NOT_MERGED, is_merged, not_merged_reason, write_jsonl
 from tunekit.methods import METHODS, Bottleneck, MethodError, method_for, parameter_counts
 from tunekit.params import FinetuneParams, MergeParams, ParamsError, validate_section
 from tunekit.train import (PackingWithVirtualTokens, TrainConfig, accumulate_gradients, collate, evaluate_loss,
@@ -251,9 +252,10 @@ def test_method_trains_saves_reloads_and_merges(name, rows, held_out, base_dirs,
         if name != "qlora":  # qlora trained on 4-bit weights; its merge is into the full-precision ones
             torch.testing.assert_close(merged_logits, tuned_logits, rtol=0, atol=1e-4)
     else:
-        with pytest.raises(SystemExit, match=f"cannot be merged.*{case.merge}.*Serve it"):
-            merge.run(MergeParams(), out, held_out, merged_dir)
-        assert not merged_dir.exists()
+        assert merge.run(MergeParams(), out, held_out, merged_dir) == {"merged": 0}
+        assert not is_merged(merged_dir) and not list(merged_dir.glob("*.safetensors"))
+        assert re.search(f"cannot be merged.*{case.merge}.*Serve it", (merged_dir / NOT_MERGED).read_text(), re.S)
+        assert re.search(f"cannot be merged.*{case.merge}.*Serve it", not_merged_reason(merged_dir), re.S)
 
 
 # ---------------------------------------------------------------- refusals and the loss path

@@ -1,4 +1,4 @@
-"""The finetune stage survives `kill -9`: a resumed run ends with the same weights as an uninterrupted one.
+"""The finetune and dapt stages survive `kill -9`: a resumed run ends with the same weights as an uninterrupted one.
 
 The stage runs as a real subprocess (as DVC runs it), is SIGKILLed once it has written its first
 resumable checkpoint, and is then started again. Dropout is on, so the resumed run only matches if
@@ -76,8 +76,10 @@ def make_project(root: Path) -> Path:
     return root
 
 
-def stage_command(root: Path, model: Path, data: Path) -> list[str]:
-    return [sys.executable, "-m", "stages.finetune", "--model", str(model), "--data", str(data),
+def stage_command(root: Path, model: Path, data: Path | None) -> list[str]:
+    """The finetune stage on `data`, or (data None) the dapt stage on the corpus its params name."""
+    stage = ["stages.finetune", "--data", str(data)] if data is not None else ["stages.dapt"]
+    return [sys.executable, "-m", stage[0], "--model", str(model), *stage[1:],
             "--out", str(root / "out"), "--metrics", str(root / "metrics.json"), "--plots", str(root / "plots"),
             "--checkpoints", str(root / "checkpoints")]
 
@@ -101,7 +103,7 @@ def step_dirs(checkpoints: Path) -> list[Path]:
 class Stages:
     """Stage subprocesses, each logging to a file; whatever is still running at exit is killed."""
 
-    def __init__(self, model: Path, data: Path):
+    def __init__(self, model: Path, data: Path | None):
         self.model, self.data, self.procs = model, data, []
 
     def start(self, root: Path, log_name: str) -> tuple[subprocess.Popen, Path]:
@@ -128,47 +130,86 @@ class Stages:
                 proc.wait()
 
 
-@pytest.mark.slow
-def test_kill_9_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_model_dir, tokenized, tmp_path):
-    killed, reference = make_project(tmp_path / "killed"), make_project(tmp_path / "reference")
-    with Stages(tiny_model_dir, tokenized) as stages:
-        # The uninterrupted reference run goes on beside the one that gets killed and resumed.
-        ref_proc, ref_log = stages.start(reference, "run.log")
-        proc, first_log = stages.start(killed, "first-attempt.log")
-        deadline = time.monotonic() + 240
-        while not step_dirs(killed / "checkpoints"):
-            if proc.poll() is not None:
-                pytest.fail(f"the stage exited (rc {proc.returncode}) before it wrote a checkpoint, so the kill "
-                            f"never happened:\n{first_log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("no checkpoint appeared within 240 s")
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL, f"the stage was not killed (rc {proc.returncode})"
-        if (killed / "out").exists() or (killed / "metrics.json").exists():
-            pytest.fail("race: the kill landed after training had finished; make the run longer (max_steps) so "
-                        "the kill falls mid-training")
-        # Nothing half-written looks finished: no output directory, and every checkpoint named step-* is
-        # complete (temporary directories start with '.').
-        assert not [p for p in killed.iterdir() if p.name.startswith("out") or p.name.startswith(".out")]
-        # (Two step-* directories can exist for an instant: the new one is renamed in before the old is removed.)
-        checkpoints = step_dirs(killed / "checkpoints")
-        assert 1 <= len(checkpoints) <= 2 and len({p.parent for p in checkpoints}) == 1, checkpoints
-        for checkpoint in checkpoints:
-            assert {p.name for p in checkpoint.iterdir()} >= {"trainable.safetensors", "optimizer.pt", "state.json"}
-        for entry in checkpoints[0].parent.iterdir():
-            assert entry.name.startswith((".", "step-")), entry
-        killed_at = json.loads((checkpoints[-1] / "state.json").read_text())["state"]["step"]
-        assert 0 < killed_at < MAX_STEPS and killed_at % CHECKPOINT_EVERY == 0
-
-        resumed_log = stages.finish(*stages.start(killed, "second-attempt.log"))
-        stages.finish(ref_proc, ref_log)
-
+def kill_and_resume(stages: Stages, killed: Path, reference: Path) -> tuple[int, str]:
+    """Run `reference` uninterrupted beside `killed`, which is SIGKILLed at its first checkpoint and run
+    again. Checks that nothing half-written looks finished; returns (step killed at, the resumed log)."""
+    ref_proc, ref_log = stages.start(reference, "run.log")
+    proc, first_log = stages.start(killed, "first-attempt.log")
+    deadline = time.monotonic() + 240
+    while not step_dirs(killed / "checkpoints"):
+        if proc.poll() is not None:
+            pytest.fail(f"the stage exited (rc {proc.returncode}) before it wrote a checkpoint, so the kill "
+                        f"never happened:\n{first_log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail("no checkpoint appeared within 240 s")
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"the stage was not killed (rc {proc.returncode})"
+    if (killed / "out").exists() or (killed / "metrics.json").exists():
+        pytest.fail("race: the kill landed after training had finished; make the run longer (max_steps) so "
+                    "the kill falls mid-training")
+    # Nothing half-written looks finished: no output directory, and every checkpoint named step-* is complete.
+    assert not [p for p in killed.iterdir() if p.name.startswith("out") or p.name.startswith(".out")]
+    # (Two step-* directories can exist for an instant: the new one is renamed in before the old is removed.)
+    checkpoints = step_dirs(killed / "checkpoints")
+    assert 1 <= len(checkpoints) <= 2 and len({p.parent for p in checkpoints}) == 1, checkpoints
+    for checkpoint in checkpoints:
+        assert {p.name for p in checkpoint.iterdir()} >= {"trainable.safetensors", "optimizer.pt", "state.json"}
+    for entry in checkpoints[0].parent.iterdir():  # temporary directories start with '.'
+        assert entry.name.startswith((".", "step-")), entry
+    killed_at = json.loads((checkpoints[-1] / "state.json").read_text())["state"]["step"]
+    assert 0 < killed_at < MAX_STEPS and killed_at % CHECKPOINT_EVERY == 0
+    resumed_log = stages.finish(*stages.start(killed, "second-attempt.log"))
+    stages.finish(ref_proc, ref_log)
     match = re.search(r"resuming from \S+ \(step (\d+) of (\d+)\)", resumed_log)
     assert match, f"the rerun did not resume from the checkpoint:\n{resumed_log[-4000:]}"
     assert killed_at <= int(match.group(1)) < MAX_STEPS and int(match.group(2)) == MAX_STEPS
     assert not step_dirs(killed / "checkpoints")  # a finished run removes its checkpoints
+    return killed_at, resumed_log
+
+
+@pytest.mark.slow
+def test_dapt_kill_9_and_resume_gives_the_same_merged_weights(tiny_model_dir, tmp_path):
+    from tunekit.demo import generate_domain
+
+    corpus = tmp_path / "domain.txt"
+    corpus.write_text("\n\n".join(generate_domain(120, 7)) + "\n", encoding="utf-8")
+    projects = []
+    for name in ("killed", "reference"):
+        root = make_project(tmp_path / name)
+        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+        params["dapt"].update(enabled=True, inputs=str(corpus), method="lora", block_size=96, batch_size=4, lr=1e-2,
+                              max_steps=MAX_STEPS, checkpoint_every=CHECKPOINT_EVERY, eval_every=5,
+                              early_stopping_patience=None, threads=1)
+        params["dapt"]["lora"].update(r=4, dropout=0.1)
+        (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+        projects.append(root)
+    killed, reference = projects
+    with Stages(tiny_model_dir, None) as stages:
+        kill_and_resume(stages, killed, reference)
+
+    # dapt merges its LoRA: the output is plain full weights, compared tensor by tensor.
+    expected = load_file(reference / "out" / "model.safetensors")
+    actual = load_file(killed / "out" / "model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert expected.keys() == actual.keys() and expected
+    assert any((expected[name] - base[name]).abs().max() > 0 for name in base)  # training moved the weights
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    ref_metrics = json.loads((reference / "metrics.json").read_text())
+    res_metrics = json.loads((killed / "metrics.json").read_text())
+    assert res_metrics["steps"] == ref_metrics["steps"] == MAX_STEPS
+    assert res_metrics["trained_tokens"] == ref_metrics["trained_tokens"]
+    assert res_metrics["perplexity_after"] == pytest.approx(ref_metrics["perplexity_after"], rel=1e-5)
+    assert res_metrics["perplexity_after"] < res_metrics["perplexity_before"]
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_model_dir, tokenized, tmp_path):
+    killed, reference = make_project(tmp_path / "killed"), make_project(tmp_path / "reference")
+    with Stages(tiny_model_dir, tokenized) as stages:
+        kill_and_resume(stages, killed, reference)
 
     expected = load_file(reference / "out" / ADAPTER)
     actual = load_file(killed / "out" / ADAPTER)

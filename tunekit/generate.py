@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from tunekit.chat import render
+
+if TYPE_CHECKING:
+    from tunekit.params import CodeTaskParams
 
 
 @dataclass(frozen=True)
@@ -182,3 +186,35 @@ def score_generations(predictions: Sequence[Sequence[str]], references: Sequence
     per_sample = [[{key: value for name in names for key, value in functions[name]([p], [r]).items()} for p in samples]
                   for samples, r in zip(predictions, references)]
     return corpus, per_sample
+
+
+# ---------------------------------------------------------------- code (HumanEval pass@k)
+
+# A HumanEval completion is the function body: cut where the next top-level statement starts.
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(")
+
+
+def code_scores(problems: list[dict], completions: list[list[str]], code: CodeTaskParams,
+                label: str = "") -> tuple[dict, list[dict]]:
+    """Run completions through the sandbox (never in this process) and report unbiased pass@k per k,
+    with every sample's pass/fail reason."""
+    from tunekit.sandbox import check_humaneval, pass_at_k_report
+
+    results = check_humaneval(problems, completions, timeout=code.timeout)
+    report = pass_at_k_report(results, code.ks)
+    metrics = {f"pass_at_{k}": report[f"pass@{k}"] for k in code.ks}  # MLflow metric names allow no "@"
+    metrics.update({key: report[key] for key in ("problems", "samples", "passed", "reasons")})
+    rows = [{"task_id": problem["task_id"], "model": label, "completions": samples,
+             "results": [{"passed": r.passed, "reason": r.reason, "duration_s": round(r.duration_s, 3)} for r in outcome]}
+            for problem, samples, outcome in zip(problems, completions, results)]
+    return metrics, rows
+
+
+def score_code(model, tokenizer, problems: list[dict], eot: str, code: CodeTaskParams, batch_size: int, label: str,
+               seed: int = 0) -> tuple[dict, list[dict]]:
+    """HumanEval as raw completion: the problem prompt as is (no chat template), cut at the stops."""
+    prompts = [Prompt(p["task_id"], p["prompt"], "") for p in problems]
+    completions = generate_samples(model, tokenizer, prompts, eot, code.max_new_tokens, batch_size, code.do_sample,
+                                   code.temperature, code.top_p, code.samples, CODE_STOPS, strip=False, seed=seed,
+                                   desc=f"code ({label})")
+    return code_scores(problems, completions, code, label)

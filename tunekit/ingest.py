@@ -6,6 +6,12 @@ each file; it is also usable alone, e.g. to check a file before adding it to the
 Every input line becomes exactly one of: a Record (messages of role system/user/assistant with string
 content, plus `"train": False` where the data said so) or a Reject naming the field and the fix.
 Blank lines are neither; they are only counted.
+
+With a task other than `sft` (params `task.type`, issue 6) the same holds for the task formats, which
+become TaskRecords: classification (`text` or `text_a`/`text_b`, `label` or a list of labels),
+token_classification (`tokens`/`tags` in BIO/IOB2, or CoNLL two-column text files where each sentence
+is one record, reported at its first line) and squad (`context`, `question`, `answers` whose every
+`answer_start` is checked against the context). A task accepts only its own formats.
 """
 
 from __future__ import annotations
@@ -25,6 +31,18 @@ from typing import Any
 from tqdm import tqdm
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
+TASK_FORMATS = ("classification", "token_classification", "conll", "squad")
+ALL_FORMATS = FORMATS + TASK_FORMATS
+# task.type -> the ingest formats that task accepts (auto-detection looks only at these).
+TASK_TYPES: dict[str, tuple[str, ...]] = {
+    "sft": FORMATS,
+    "classification": ("classification",),
+    "token_classification": ("token_classification", "conll"),
+    "qa": ("squad",),
+}
+TASK_OF_FORMAT = {"classification": "classification", "token_classification": "token_classification",
+                  "conll": "token_classification", "squad": "qa"}
+CONLL_SUFFIXES = (".conll",)  # detected as CoNLL under auto; with ingest.format: conll also .txt
 SPLITS = ("train", "validation", "test")
 
 # The keys a line must have to be read as each format. Other keys are ignored, so user metadata
@@ -34,10 +52,19 @@ _REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "sharegpt": ("conversations",),
+    "classification": ("label",),  # plus "text", or "text_a" and "text_b" (checked when normalising)
+    "token_classification": ("tokens", "tags"),
+    "squad": ("context", "question", "answers"),
 }
 _FORMAT_KEYS_HELP = "; ".join(
     f"{fmt} needs {', '.join(json.dumps(key) for key in keys)}" for fmt, keys in _REQUIRED_KEYS.items()
+    if fmt in FORMATS
 )
+_TASK_KEYS_HELP = {
+    "classification": 'classification needs "text" (or "text_a" and "text_b") and "label"',
+    "token_classification": 'token_classification needs "tokens" and "tags" (or .conll files)',
+    "squad": 'squad needs "context", "question" and "answers"',
+}
 _ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _BOM = b"\xef\xbb\xbf"
@@ -58,6 +85,16 @@ class Record:
 
 
 @dataclass(frozen=True)
+class TaskRecord:
+    """A record of a head-based task: `fields` are the normalised columns written to the split files."""
+    task: str  # classification | token_classification | qa
+    fields: dict
+    file: str
+    line: int
+    id: str  # first 16 hex chars of the sha256 of the canonical {"task", **fields} JSON (orig_id excluded)
+
+
+@dataclass(frozen=True)
 class Reject:
     file: str
     line: int
@@ -74,8 +111,12 @@ class _Bad(Exception):
         self.detail = detail
 
 
-def input_files(inputs: str | Path) -> list[Path]:
-    """The JSONL files to ingest: `inputs` itself, or every *.jsonl under the directory, sorted."""
+def input_files(inputs: str | Path, suffixes: tuple[str, ...] = (".jsonl",)) -> list[Path]:
+    """The files to ingest: `inputs` itself, or every file under the directory ending in one of `suffixes`, sorted.
+
+    suffixes is (".jsonl",) except for token classification, where CoNLL files (.conll; .txt with
+    ingest.format: conll) are read too; see `suffixes_for`.
+    """
     path = Path(inputs)
     if path.is_file():
         return [path]
@@ -83,28 +124,42 @@ def input_files(inputs: str | Path) -> list[Path]:
         # Hidden paths are tool leftovers (.ipynb_checkpoints, .git, our own .tmp dirs) that would
         # quietly add stale copies of the data.
         files = sorted(
-            p for p in path.rglob("*.jsonl")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            p for p in path.rglob("*")
+            if p.is_file() and p.name.endswith(suffixes)
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if files:
             return files
+        patterns = " / ".join(f"*{suffix}" for suffix in suffixes)
         raise IngestError(
-            f"input directory {path} contains no *.jsonl files (searched recursively, hidden paths skipped); "
-            "add .jsonl files there or point ingest.inputs in params.yaml at a .jsonl file"
+            f"input directory {path} contains no {patterns} files (searched recursively, hidden paths skipped); "
+            f"add {patterns} files there or point ingest.inputs in params.yaml at a file"
         )
     raise IngestError(
         f"input {path} does not exist; set ingest.inputs in params.yaml to a .jsonl file or a directory of them"
     )
 
 
-def read_file(path: Path, fmt: str = "auto", max_chars: int = 16000) -> Iterator[Record | Reject]:
-    """Stream one Record or Reject per non-blank line of `path`, holding one line in memory at a time.
+def suffixes_for(task: str, fmt: str) -> tuple[str, ...]:
+    """The file name endings read from an input directory for this task and ingest.format."""
+    if fmt == "conll":
+        return (*CONLL_SUFFIXES, ".txt")
+    if task == "token_classification" and fmt == "auto":
+        return (".jsonl", *CONLL_SUFFIXES)
+    return (".jsonl",)
+
+
+def read_file(path: Path, fmt: str = "auto", max_chars: int = 16000,
+              task: str = "sft") -> Iterator[Record | TaskRecord | Reject]:
+    """Stream one Record (TaskRecord for a task other than sft) or Reject per non-blank line of `path`,
+    holding one line in memory at a time (CoNLL files: one per sentence).
 
     With fmt="auto" the file's format is taken from the first line whose keys match a format;
-    later lines of another format are rejected as wrong_format.
+    later lines of another format are rejected as wrong_format. A line of another task's format
+    found first raises IngestError (the data and task.type disagree).
     """
-    _check_read_args(fmt, max_chars)
-    return (item for item, _ in _read_lines(Path(path), fmt, max_chars) if item is not None)
+    _check_read_args(fmt, max_chars, task)
+    return (item for item, _ in _read_any(Path(path), fmt, max_chars, task) if item is not None)
 
 
 def split_of(record_id: str, validation: float, test: float) -> str:
@@ -124,17 +179,18 @@ def split_of(record_id: str, validation: float, test: float) -> str:
 
 
 def ingest(inputs: str | Path, out_dir: Path, fmt: str = "auto", max_chars: int = 16000,
-           max_reject_rate: float = 0.05, validation: float = 0.1, test: float = 0.1) -> dict:
+           max_reject_rate: float = 0.05, validation: float = 0.1, test: float = 0.1, task: str = "sft") -> dict:
     """Read every input file and write out_dir/{train,validation,test,rejects}.jsonl; return metrics.
 
     out_dir is replaced only when everything succeeded and the reject rate is acceptable; otherwise
-    an existing out_dir is left as it was and nothing partial is left behind.
+    an existing out_dir is left as it was and nothing partial is left behind. `task` (task.type)
+    chooses which formats are accepted: the chat formats for sft, the task's own formats otherwise.
     """
-    _check_read_args(fmt, max_chars)
+    _check_read_args(fmt, max_chars, task)
     _check_fractions(validation, test)
     if not 0 <= max_reject_rate <= 1:
         raise IngestError(f"ingest.max_reject_rate is {max_reject_rate}; use a fraction in [0, 1], e.g. 0.05")
-    files = input_files(inputs)
+    files = input_files(inputs, suffixes_for(task, fmt))
     out_dir = Path(out_dir)
     _check_no_overlap(Path(inputs), out_dir)
 
@@ -143,7 +199,7 @@ def ingest(inputs: str | Path, out_dir: Path, fmt: str = "auto", max_chars: int 
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run that happened to have our pid
     tmp.mkdir()
     try:
-        metrics = _write_outputs(files, tmp, fmt, max_chars, max_reject_rate, validation, test)
+        metrics = _write_outputs(files, tmp, fmt, max_chars, max_reject_rate, validation, test, task)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -154,7 +210,7 @@ def ingest(inputs: str | Path, out_dir: Path, fmt: str = "auto", max_chars: int 
 
 
 def _write_outputs(files: list[Path], tmp: Path, fmt: str, max_chars: int, max_reject_rate: float,
-                   validation: float, test: float) -> dict:
+                   validation: float, test: float, task: str = "sft") -> dict:
     lines_read = blank_lines = duplicates = 0
     by_reason: Counter[str] = Counter()
     per_split: Counter[str] = Counter()
@@ -165,7 +221,7 @@ def _write_outputs(files: list[Path], tmp: Path, fmt: str, max_chars: int, max_r
         outputs = {name: stack.enter_context(open(tmp / f"{name}.jsonl", "w", encoding="utf-8"))
                    for name in (*SPLITS, "rejects")}
         for path in files:
-            for item, digest in tqdm(_read_lines(path, fmt, max_chars), desc=str(path), unit=" lines",
+            for item, digest in tqdm(_read_any(path, fmt, max_chars, task), desc=str(path), unit=" lines",
                                      disable=None, file=sys.stderr):
                 if item is None:
                     blank_lines += 1
@@ -185,7 +241,10 @@ def _write_outputs(files: list[Path], tmp: Path, fmt: str, max_chars: int, max_r
                 seen.add(digest)
                 split = split_of(item.id, validation, test)
                 per_split[split] += 1
-                row = {"id": item.id, "messages": item.messages, "source": f"{item.file}:{item.line}"}
+                if isinstance(item, TaskRecord):
+                    row = {"id": item.id, "source": f"{item.file}:{item.line}", "task": item.task, **item.fields}
+                else:
+                    row = {"id": item.id, "messages": item.messages, "source": f"{item.file}:{item.line}"}
                 outputs[split].write(json.dumps(row, ensure_ascii=False) + "\n")
 
     rejected = sum(by_reason.values())
@@ -232,9 +291,16 @@ def _summary(headline: str, by_reason: Counter[str], first_rejects: list[Reject]
     return "\n".join(lines)
 
 
-def _check_read_args(fmt: str, max_chars: int) -> None:
-    if fmt != "auto" and fmt not in FORMATS:
-        raise IngestError(f"ingest.format is {fmt!r}; use \"auto\" or one of: {', '.join(FORMATS)}")
+def _check_read_args(fmt: str, max_chars: int, task: str = "sft") -> None:
+    if task not in TASK_TYPES:
+        raise IngestError(f"task.type is {task!r}; use one of: {', '.join(TASK_TYPES)}")
+    if fmt != "auto" and fmt not in ALL_FORMATS:
+        raise IngestError(f"ingest.format is {fmt!r}; use \"auto\" or one of: {', '.join(ALL_FORMATS)}")
+    if fmt != "auto" and fmt not in TASK_TYPES[task]:
+        owner = next(name for name, formats in TASK_TYPES.items() if fmt in formats)
+        raise IngestError(f"ingest.format is {fmt!r}, a format of task.type {owner}, but task.type is {task} "
+                          f"(which reads {', '.join(TASK_TYPES[task])}); set task.type: {owner} in params.yaml, "
+                          "or ingest.format to one of those formats or auto")
     if max_chars < 1:
         raise IngestError(f"ingest.max_chars is {max_chars}; use a positive number of characters, e.g. 16000")
 
@@ -261,7 +327,16 @@ def _check_no_overlap(inputs: Path, out_dir: Path) -> None:
         )
 
 
-def _read_lines(path: Path, fmt: str, max_chars: int) -> Iterator[tuple[Record | Reject | None, bytes]]:
+def _read_any(path: Path, fmt: str, max_chars: int, task: str = "sft"
+              ) -> Iterator[tuple[Record | TaskRecord | Reject | None, bytes]]:
+    """CoNLL text files for format conll (or a .conll file under token_classification), JSONL otherwise."""
+    if fmt == "conll" or (fmt == "auto" and task == "token_classification" and path.name.endswith(CONLL_SUFFIXES)):
+        return _read_conll(path, max_chars)
+    return _read_lines(path, fmt, max_chars, task)
+
+
+def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
+                ) -> Iterator[tuple[Record | TaskRecord | Reject | None, bytes]]:
     """One pair per physical line: (None, b"") for a blank line, else the line's Record or Reject.
 
     A Record comes with the full sha256 of its canonical messages, which ingest dedups on; handing it
@@ -270,6 +345,8 @@ def _read_lines(path: Path, fmt: str, max_chars: int) -> Iterator[tuple[Record |
     name = str(path)
     # (format, line it was detected from); line 0 means the caller forced the format.
     detected: tuple[str, int] | None = None if fmt == "auto" else (fmt, 0)
+    # classification: (multi-label?, line it was decided on): one kind of label per file.
+    label_kind: tuple[bool, int] | None = None
     # Bytes, decoded line by line, so one line in another encoding rejects that line, not the file.
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
@@ -290,15 +367,42 @@ def _read_lines(path: Path, fmt: str, max_chars: int) -> Iterator[tuple[Record |
             try:
                 obj = _parse_object(text)
                 if detected is None:
-                    found = _format_of(obj)
+                    found = _format_of(obj, ALL_FORMATS)
+                    if found is not None and found not in TASK_TYPES[task]:
+                        owner = next(t for t, formats in TASK_TYPES.items() if found in formats)
+                        raise IngestError(
+                            f"{name}:{line_no}: the line is {found} data ({_keys(obj)}) but task.type is {task}, "
+                            f"which reads {', '.join(TASK_TYPES[task])}; set task.type: {owner} in params.yaml to "
+                            f"train on it, or point ingest.inputs at {task} data")
                     if found is not None:
                         detected = (found, line_no)
-                messages = _normalise(obj, detected, max_chars)
+                if task == "sft":
+                    messages = _normalise(obj, detected, max_chars)
+                else:
+                    if detected is None:
+                        help_ = "; ".join(_TASK_KEYS_HELP[f] for f in TASK_TYPES[task] if f in _TASK_KEYS_HELP)
+                        raise _Bad("wrong_format", f"line has {_keys(obj)}, which match no {task} format, and no "
+                                                   f"earlier line did either; {help_}")
+                    fields = _normalise_task(obj, detected, max_chars)
+                    if detected[0] == "classification":
+                        multi = isinstance(fields["label"], list)
+                        if label_kind is None:
+                            label_kind = (multi, line_no)
+                        elif label_kind[0] != multi:
+                            kind = "multi-label (label is a list)" if label_kind[0] else "single-label (label is a string)"
+                            fix = (f'write the label as a list, e.g. [{json.dumps(fields["label"])}]' if label_kind[0]
+                                   else "give one label as a string, or make every line's label a list")
+                            raise _Bad("wrong_type", f"label is {_describe(obj['label'])} but the file is {kind} as "
+                                                     f"decided by line {label_kind[1]}; {fix}")
             except _Bad as bad:
                 yield Reject(name, line_no, bad.reason, bad.detail), b""
                 continue
-            digest = _digest(messages)
-            yield Record(messages, name, line_no, digest.hex()[:16]), digest
+            if task == "sft":
+                digest = _digest(messages)
+                yield Record(messages, name, line_no, digest.hex()[:16]), digest
+            else:
+                digest = _task_digest(TASK_OF_FORMAT[detected[0]], fields)
+                yield TaskRecord(TASK_OF_FORMAT[detected[0]], fields, name, line_no, digest.hex()[:16]), digest
 
 
 def _parse_object(text: str) -> dict[str, Any]:
@@ -318,9 +422,13 @@ def _parse_object(text: str) -> dict[str, Any]:
     return obj
 
 
-def _format_of(obj: dict[str, Any]) -> str | None:
-    for fmt in FORMATS:
+def _format_of(obj: dict[str, Any], formats: tuple[str, ...] = FORMATS) -> str | None:
+    for fmt in formats:
+        if fmt == "conll":
+            continue  # a text format, chosen by file name or ingest.format
         if all(key in obj for key in _REQUIRED_KEYS[fmt]):
+            if fmt == "classification" and "text" not in obj and "text_a" not in obj:
+                continue
             return fmt
     return None
 
@@ -495,3 +603,202 @@ def _describe(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return "an object"
+
+
+# ---------------------------------------------------------------- task formats (task.type other than sft)
+
+def _normalise_task(obj: dict[str, Any], detected: tuple[str, int], max_chars: int) -> dict[str, Any]:
+    """The normalised fields of one task line (see TaskRecord); raises _Bad naming the field and the fix."""
+    fmt, since = detected
+    missing = [key for key in _REQUIRED_KEYS[fmt] if key not in obj]
+    if missing:
+        origin = "as forced by ingest.format" if since == 0 else f"as detected from line {since}"
+        raise _Bad("wrong_format", f"line has {_keys(obj)} but the file is {fmt} ({origin}), which needs "
+                                   f"{', '.join(json.dumps(key) for key in missing)}; keep one format per file")
+    if fmt == "classification":
+        fields = _classification_fields(obj)
+        chars = sum(len(fields[key]) for key in ("text", "text_a", "text_b") if key in fields)
+    elif fmt == "token_classification":
+        fields = _token_fields(obj["tokens"], obj["tags"])
+        chars = sum(len(token) for token in fields["tokens"])
+    else:
+        fields = _squad_fields(obj)
+        chars = len(fields["context"]) + len(fields["question"])
+    if chars > max_chars:
+        raise _Bad("too_long", f"the text fields total {chars} characters, above ingest.max_chars = {max_chars}; "
+                               "shorten or split the example, or raise ingest.max_chars in params.yaml")
+    return fields
+
+
+def _label(value: Any, where: str) -> str:
+    # Integer class ids (common in exported data sets) are kept as their decimal string.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise _Bad("wrong_type", f"{where} is {_describe(value)}; a label must be a string (or an integer class id)")
+    if not value.strip():
+        raise _Bad("empty_content", f"{where} is empty or whitespace only; write the label or drop the line")
+    return value
+
+
+def _classification_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    if "text_a" in obj or "text_b" in obj:
+        if "text" in obj:
+            raise _Bad("wrong_format", 'line has "text" and "text_a"/"text_b"; use "text" for one text or '
+                                       '"text_a" and "text_b" for a pair, not both')
+        for key in ("text_a", "text_b"):
+            if key not in obj:
+                raise _Bad("wrong_format", f'{key} is missing; a text pair needs both "text_a" and "text_b"')
+        fields: dict[str, Any] = {"text_a": _text(obj["text_a"], "text_a"), "text_b": _text(obj["text_b"], "text_b")}
+    else:
+        fields = {"text": _text(obj["text"], "text")}
+    value = obj["label"]
+    if isinstance(value, list):
+        labels = [_label(item, f"label[{index}]") for index, item in enumerate(value)]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise _Bad("duplicate_label", f"label lists {', '.join(map(json.dumps, repeated))} more than once; "
+                                          "list each label of a multi-label example once")
+        fields["label"] = sorted(labels)  # a set: the order carries no meaning, and equal sets hash equal
+    else:
+        fields["label"] = _label(value, "label")
+    return fields
+
+
+def _token_fields(tokens: Any, tags: Any) -> dict[str, Any]:
+    for key, value in (("tokens", tokens), ("tags", tags)):
+        if not isinstance(value, list):
+            raise _Bad("wrong_type", f"{key} is {_describe(value)}; it must be a list of strings")
+    if not tokens:
+        raise _Bad("empty_content", "tokens is an empty list; write the sentence's words or drop the line")
+    if len(tokens) != len(tags):
+        raise _Bad("length_mismatch", f"tokens has {len(tokens)} items but tags has {len(tags)}; give exactly one "
+                                      "tag per token")
+    for index, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise _Bad("wrong_type", f"tokens[{index}] is {_describe(token)}; it must be a string")
+        if not token.strip():
+            raise _Bad("empty_content", f"tokens[{index}] is empty or whitespace only; a token must hold text "
+                                        f"(drop it together with tags[{index}])")
+        _text(token, f"tokens[{index}]")
+    for index, tag in enumerate(tags):
+        if not isinstance(tag, str):
+            raise _Bad("wrong_type", f"tags[{index}] is {_describe(tag)}; tags must be strings such as \"O\", "
+                                     "\"B-CITY\", \"I-CITY\" (map integer tag ids to their names first)")
+        if tag != "O" and not (len(tag) > 2 and tag[:2] in ("B-", "I-")):
+            raise _Bad("invalid_tag", f"tags[{index}] is {json.dumps(tag)}; use BIO/IOB2 tags: \"O\", \"B-<type>\" "
+                                      "or \"I-<type>\" (convert BIOES/IOB1 tags to IOB2)")
+        if tag.startswith("I-"):
+            previous = tags[index - 1] if index else None
+            if previous not in (f"B-{tag[2:]}", tag):
+                after = f"tags[{index - 1}] is {json.dumps(previous)}" if index else "it is the first tag"
+                raise _Bad("invalid_bio", f"tags[{index}] is {json.dumps(tag)} but {after}; an I- tag must continue "
+                                          f"B-{tag[2:]} or I-{tag[2:]} (IOB2): change tags[{index}] to "
+                                          f"\"B-{tag[2:]}\" if an entity starts there")
+    return {"tokens": list(tokens), "tags": list(tags)}
+
+
+def _squad_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    context = _text(obj["context"], "context")
+    question = _text(obj["question"], "question")
+    answers = obj["answers"]
+    if not isinstance(answers, dict):
+        raise _Bad("wrong_type", f"answers is {_describe(answers)}; it must be an object "
+                                 '{"text": [...], "answer_start": [...]} (empty lists for an unanswerable question)')
+    for key in ("text", "answer_start"):
+        if not isinstance(answers.get(key, _MISSING), list):
+            raise _Bad("wrong_type", f"answers.{key} is {_describe(answers.get(key, _MISSING))}; it must be a list "
+                                     "(empty for an unanswerable question)")
+    texts, starts = answers["text"], answers["answer_start"]
+    if len(texts) != len(starts):
+        raise _Bad("length_mismatch", f"answers.text has {len(texts)} items but answers.answer_start has "
+                                      f"{len(starts)}; give one start offset per answer")
+    for index, (text, start) in enumerate(zip(texts, starts)):
+        text = _text(text, f"answers.text[{index}]")
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise _Bad("wrong_type", f"answers.answer_start[{index}] is {_describe(start)}; it must be the "
+                                     "character offset (an integer >= 0) of the answer in the context")
+        found = context[start:start + len(text)]
+        if found != text:
+            where = context.find(text)
+            hint = (f"the text occurs at character {where}: set answer_start to {where}" if where >= 0
+                    else "the text does not occur in the context at all: fix the answer or the context")
+            raise _Bad("answer_mismatch", f"answers.text[{index}] {_describe(text)} is not at "
+                                          f"answers.answer_start[{index}] = {start} (the context there reads "
+                                          f"{_describe(found)}); {hint}")
+    fields: dict[str, Any] = {"context": context, "question": question,
+                              "answers": {"text": list(texts), "answer_start": list(starts)}}
+    if "id" in obj:
+        # Kept for reference (e.g. to match official SQuAD predictions); "id" itself is the content hash.
+        if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
+            raise _Bad("wrong_type", f"id is {_describe(obj['id'])}; it must be a string or an integer")
+        fields["orig_id"] = str(obj["id"])
+    return fields
+
+
+def _task_digest(task: str, fields: dict[str, Any]) -> bytes:
+    content = {"task": task, **{key: value for key, value in fields.items() if key != "orig_id"}}
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).digest()
+
+
+def _read_conll(path: Path, max_chars: int) -> Iterator[tuple[TaskRecord | Reject | None, bytes]]:
+    """CoNLL-style text: one `token ... tag` line per word (first column the token, last the tag, any
+    whitespace between; the middle columns of CoNLL-2003's four are ignored), a blank line between
+    sentences, -DOCSTART- lines skipped. One item per sentence, reported at the sentence's first line;
+    (None, b"") per blank line."""
+    name = str(path)
+    tokens: list[str] = []
+    tags: list[str] = []
+    first = 0
+    problem: tuple[str, str] | None = None  # first bad line of the current sentence: (reason, detail)
+
+    def finish() -> tuple[TaskRecord | Reject, bytes]:
+        if problem is not None:
+            return Reject(name, first, *problem), b""
+        try:
+            fields = _token_fields(tokens, tags)
+            chars = sum(len(token) for token in tokens)
+            if chars > max_chars:
+                raise _Bad("too_long", f"the sentence's tokens total {chars} characters, above ingest.max_chars = "
+                                       f"{max_chars}; split the sentence or raise ingest.max_chars")
+        except _Bad as bad:
+            return Reject(name, first, bad.reason, f"sentence starting at line {first}: {bad.detail}"), b""
+        digest = _task_digest("token_classification", fields)
+        return TaskRecord("token_classification", fields, name, first, digest.hex()[:16]), digest
+
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                text = None
+                if problem is None:
+                    problem = ("invalid_utf8", f"line {line_no}: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                                               "is not valid UTF-8; re-save the file as UTF-8")
+            if text is not None and not text.strip():
+                if first:
+                    yield finish()
+                    tokens, tags, first, problem = [], [], 0, None
+                yield None, b""
+                continue
+            if text is not None and text.split()[0] == "-DOCSTART-":
+                continue
+            if not first:
+                first = line_no
+            if text is None:
+                continue
+            columns = text.split()
+            if len(columns) < 2:
+                if problem is None:
+                    problem = ("wrong_format", f"line {line_no} has {len(columns)} column ({_describe(text)}); each "
+                                               "line needs a token and its tag separated by whitespace, and "
+                                               "sentences are separated by a blank line")
+                continue
+            tokens.append(columns[0])
+            tags.append(columns[-1])
+    if first:
+        yield finish()

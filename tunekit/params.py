@@ -38,7 +38,8 @@ class BaseModelParams(Section):
 
 class IngestParams(Section):
     inputs: str = "data/demo"
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"] = "auto"
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt",
+                    "classification", "token_classification", "conll", "squad"] = "auto"
     max_chars: int = Field(16000, gt=0)
     max_reject_rate: float = Field(0.05, ge=0, le=1)
     validation: float = Field(0.1, ge=0, lt=1)
@@ -59,6 +60,38 @@ class TemplateParams(Section):
     max_length: int = Field(512, gt=8)
     packing: bool = False
     preview_examples: int = Field(8, ge=0)
+
+
+class SubTaskParams(Section):
+    """One task of a multi-task run (semantics: tunekit/heads.py)."""
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: Literal["classification", "token_classification", "qa"]
+    inputs: str | None = None
+    weight: float = Field(1.0, gt=0)
+
+
+class TaskParams(Section):
+    """What is trained: generative SFT (the chat pipeline) or a head-based task (issue 6)."""
+    type: Literal["sft", "classification", "token_classification", "qa"] = "sft"
+    labels: list[str] | None = None  # fixed label list (classification labels / NER tags); None = sorted train labels
+    pooling: Literal["cls", "mean", "last", "auto"] = "auto"
+    class_weights: Literal["balanced"] | dict[str, float] | None = None
+    label_all_subwords: bool = False
+    doc_stride: int = Field(128, gt=0)
+    n_best: int = Field(20, gt=0)
+    max_answer_length: int = Field(30, gt=0)
+    tasks: dict[str, SubTaskParams] = {}
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None:
+            if not labels:
+                raise ValueError("labels is an empty list; give the label set or null to read it from the train split")
+            dupes = sorted({label for label in labels if labels.count(label) > 1})
+            if dupes:
+                raise ValueError(f"labels lists {dupes} more than once")
+        return labels
 
 
 class LoraParams(Section):
@@ -153,6 +186,7 @@ class LoopParams(Section):
     eval_every: int = Field(20, gt=0)
     early_stopping_patience: int | None = Field(3, gt=0)
     checkpoint_every: int = Field(20, gt=0)
+    gradient_checkpointing: bool = False  # recompute activations in backward: much less memory, ~1.4x compute
     threads: int = Field(0, ge=0)
 
     def loop_config(self) -> dict[str, Any]:
@@ -280,12 +314,20 @@ class MergeParams(Section):
     registered_model: str | None = Field("tunekit-merged", min_length=1)
 
 
+class GeneralAbilityParams(CodeTaskParams):
+    """The forgetting stage's optional general-ability probe: HumanEval pass@1, greedy, one sample."""
+    ks: list[int] = Field([1], min_length=1)
+    samples: int = Field(1, gt=0)
+    do_sample: bool = False
+
+
 class ForgettingParams(Section):
     probe: str = "pydoc"
     probe_passages: int = Field(64, gt=0)
     max_length: int = Field(128, ge=2)
     batch_size: int = Field(16, gt=0)
     threads: int = Field(0, ge=0)
+    code: GeneralAbilityParams = GeneralAbilityParams()
 
     @model_validator(mode="after")
     def _probe_is_pydoc_or_a_text_file(self) -> "ForgettingParams":
@@ -320,6 +362,7 @@ SECTIONS: dict[str, type[Section]] = {
     "base": BaseModelParams,
     "ingest": IngestParams,
     "template": TemplateParams,
+    "task": TaskParams,
     "dapt": DaptParams,
     "finetune": FinetuneParams,
     "evaluate": EvaluateParams,

@@ -1,0 +1,83 @@
+"""The benchmark against TRL (bench/sft_vs_trl.py) and the training levers it measures.
+
+Speed is never asserted here (the benchmark measures it side by side); these tests keep the script's
+pieces working on a tiny model so it cannot rot, and prove the levers do not change what is trained.
+"""
+
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tests.conftest import REPO, tiny_llama
+from tunekit.methods import method_for
+from tunekit.params import FinetuneParams
+from tunekit.train import IGNORE, TrainConfig, release_freed_memory, train
+
+spec = importlib.util.spec_from_file_location("sft_vs_trl", REPO / "bench" / "sft_vs_trl.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_generated_chats_are_deterministic_and_within_the_word_ranges():
+    first, again = bench.variable_chats(20, seed=3), bench.variable_chats(20, seed=3)
+    assert first == again
+    for chat in first:
+        assert [m["role"] for m in chat["messages"]] == ["user", "assistant"]
+        assert all(5 <= len(m["content"].split()) <= 200 for m in chat["messages"])
+    for chat in bench.multiturn_chats(10, seed=3):
+        system, *turns = chat["messages"]
+        assert system["role"] == "system" and 120 <= len(system["content"].split()) <= 260
+        assert 4 <= len(turns) <= 8 and all(5 <= len(m["content"].split()) <= 40 for m in turns)
+
+
+def test_flop_count_of_a_lora_model(smollm2_tokenizer):
+    model = method_for(FinetuneParams(method="lora")).prepare(tiny_llama(len(smollm2_tokenizer)), FinetuneParams())
+    c = bench.flops_model(model)
+    # tiny Llama: 2 layers of q,o 32x32, k,v 32x16, gate,up 32x64, down 64x32; LoRA r=16 on each of them
+    assert c["frozen"] == 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64)
+    assert c["lora"] == 2 * 16 * (2 * 64 + 2 * 48 + 3 * 96)
+    assert c["head"] == len(smollm2_tokenizer) * 32 and c["attn"] == 2 * 32
+    rows = [{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}]
+    assert bench.epoch_flops(rows, c) == 3 * (4 * c["frozen"] + 6 * c["lora"]) + 2 * 4 * c["head"] + 12 * c["attn"] * 6
+
+
+def _lora_run(tokenizer, rows, tmp_path, **cfg):
+    torch.manual_seed(0)
+    params = FinetuneParams(method="lora")
+    model = method_for(params).prepare(tiny_llama(len(tokenizer)), params)
+    train(model, rows, [], TrainConfig(epochs=1, lr=1e-2, batch_size=2, seed=0, **cfg), tokenizer.pad_token_id, tmp_path)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_and_allocator_settings_train_the_same_weights(smollm2_tokenizer, tmp_path):
+    assert release_freed_memory() in (True, False)  # glibc here: True; elsewhere a no-op
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for n in (9, 17, 5, 12, 20, 7):
+        ids = torch.randint(10, len(smollm2_tokenizer), (n,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * (n // 2) + ids[n // 2:]})
+    plain = _lora_run(smollm2_tokenizer, rows, tmp_path / "a", release_memory=False)
+    levers = _lora_run(smollm2_tokenizer, rows, tmp_path / "b", gradient_checkpointing=True, release_memory=True)
+    assert plain.keys() == levers.keys()
+    for name in plain:  # dropout masks are replayed in the recomputation, so the weights agree
+        torch.testing.assert_close(levers[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl", reason="pip install -r requirements-bench.txt")
+    bench.main(["--quick", "--reps", "1", "--sets", "variable", "demo", "--model", str(tiny_model_dir),
+                "--no-pipeline", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert [s["set"] for s in report["sets"]] == ["variable", "demo"]
+    for s in report["sets"]:
+        for trainer in ("ours", "trl"):
+            p = s["per_trainer"][trainer]
+            assert p["tokens_per_s"]["median"] > 0 and p["peak_rss_mb"]["median"] > 0
+            assert p["val_loss"]["median"] == p["val_loss"]["median"]  # not NaN
+        assert s["ratios"]["speed"]["median"] > 0 and 0 < s["flops"]["fraction_of_peak"]
+    table = (tmp_path / "latest.md").read_text()
+    assert "TRL SFTTrainer" in table and "speed ours/TRL" in table
