@@ -254,7 +254,8 @@ def child_ours(args, train_rows, val_rows) -> dict:
     method = method_for(params)
     model = method.prepare(method.load_base(args.model), params)
     extra = json.loads(args.ours_options or "{}")
-    cfg = TrainConfig(**params.loop_config(), lr=params.lr, seed=seed, full_forward=method.full_forward, **extra)
+    cfg = TrainConfig(**{**params.loop_config(), "lr": params.lr, "seed": seed, "full_forward": method.full_forward,
+                         **extra})
     with tempfile.TemporaryDirectory() as ckpt:
         start = time.perf_counter()
         # No validation rows: both trainers are timed on the epoch alone and scored afterwards alike.

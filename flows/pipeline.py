@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
 from tunekit.io import git_commit  # noqa: E402
-from tunekit.params import ProjectParams, load_all  # noqa: E402
+from tunekit.params import ProjectParams, flatten, load_all  # noqa: E402
 from tunekit.tracking import PARENT_RUN_ENV, log_metrics, setup_mlflow  # noqa: E402
 
 STAGES = ("demo", "base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting")
@@ -104,6 +104,9 @@ def pipeline(stages: list[str] | None = None, force: bool = False, run_name: str
 
     mlflow = setup_mlflow(project.experiment)
     with mlflow.start_run(run_name=run_name, tags={"git.commit": git_commit(), "stages": ",".join(selected)}) as parent:
+        # Every section's params on the parent too, so the UI's compare page shows which ones differ.
+        mlflow.log_params({key: str(value)[:6000] for name, section in sections.items()
+                           for key, value in flatten(name, section).items()})
         for stage in [s for s in STAGES if s in selected]:
             repro(stage, force, parent.info.run_id)
         # Stages restored from DVC's cache did not run, so their numbers come from their metrics files.

