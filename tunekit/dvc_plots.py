@@ -10,14 +10,13 @@ bundle that the `vl-convert-python` package ships (no download: it is built into
     python -m tunekit.dvc_plots                 # = dvc plots show, offline -> dvc_plots/index.html
     python -m tunekit.dvc_plots -- diff HEAD~1  # any `dvc plots` subcommand and arguments after --
 
-The page is cached in .dvc/tmp/ (DVC's scratch directory, never committed), keyed by the bundle's
-Vega versions.
+The template lives in .dvc/tmp/ (DVC's scratch directory, never committed); `make setup` writes it and
+.dvc/config points `plots.html_template` at it, so plain `dvc plots show` renders offline too.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -70,14 +69,22 @@ def write_template(path: Path) -> Path:
     return path
 
 
+TEMPLATE = Path(".dvc") / "tmp" / "plots-offline.html"  # .dvc/config's plots.html_template names it (relative to .dvc/)
+
+
 def template_path(root: Path = Path(".")) -> Path:
-    """The cached template in `root`/.dvc/tmp, written first when missing or from another bundle."""
+    """The offline template at `root`/.dvc/tmp/plots-offline.html, (re)written when it is missing or was
+    made from another bundle. `make setup` writes it, so plain `dvc plots show` finds it through
+    .dvc/config (`plots.html_template`)."""
     import vl_convert
 
-    key = hashlib.sha256(f"{vl_convert.get_vega_version()} {vl_convert.get_vega_embed_version()} "
-                         f"{TEMPLATE_HEAD}{TEMPLATE_TAIL}".encode()).hexdigest()[:12]
-    path = root / ".dvc" / "tmp" / f"plots-offline-{key}.html"
-    return path if path.is_file() else write_template(path)
+    path = root / TEMPLATE
+    versions = f"vega {vl_convert.get_vega_version()}, vega-embed {vl_convert.get_vega_embed_version()}"
+    if path.is_file():
+        with open(path, encoding="utf-8") as handle:
+            if handle.readline().startswith(f"<!-- {versions}, inlined"):
+                return path
+    return write_template(path)
 
 
 def main(argv: list[str] | None = None) -> None:
