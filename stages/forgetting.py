@@ -67,22 +67,32 @@ def run(params: ForgettingParams, model_dir: Path, merged_dir: Path | None, out:
                                       "probe_hash": probe.hash, "max_length": params.max_length})
     results = {"base": compare(base, base)}
 
+    # The optional HumanEval probe scores each model while it is loaded for the text probe.
+    humaneval = humaneval_scorer(params, tokenizer) if params.code.enabled else None
+    code = {"base": base_code_scores(params, humaneval, base_dir, base_hash, cache_dir)} if humaneval else {}
+
     # Loaded as its method saved it (adapter, bottleneck adapters, full weights, virtual tokens).
     tuned = load_tuned(model_dir)
     results["tuned"] = compare(base, score(tuned.model, rows, pad_id, params.batch_size, tuned.method.full_forward))
+    if humaneval:
+        code["tuned"] = humaneval(tuned.model, "tuned")
     del tuned
 
     if is_merged(merged_dir):
         merged_meta = read_meta(merged_dir) or {}
         if (merged_meta.get("parent") or {}).get("hash") not in (None, meta.get("hash")):
             log.warning("%s was merged from another fine-tune than %s; re-run the merge stage", merged_dir, model_dir)
-        results["merged"] = compare(base, score(load_causal_lm(merged_dir), rows, pad_id, params.batch_size))
+        merged = load_causal_lm(merged_dir)
+        results["merged"] = compare(base, score(merged, rows, pad_id, params.batch_size))
+        if humaneval:
+            code["merged"] = humaneval(merged, "merged")
+        del merged
     elif merged_dir is not None:
         log.warning("no merged checkpoint at %s (%s): only base and tuned are scored", merged_dir,
                     not_merged_reason(merged_dir))
-
-    code = general_ability(params, model_dir, merged_dir if "merged" in results else None, base_dir, base_hash,
-                           tokenizer, cache_dir) if params.code.enabled else {}
+    for name in ("tuned", "merged"):  # a drop in pass@k against the base is forgetting of a general ability
+        for k in params.code.ks if name in code else ():
+            code[name][f"pass_at_{k}_delta"] = code[name][f"pass_at_{k}"] - code["base"][f"pass_at_{k}"]
 
     with atomic_dir(out) as tmp:
         report = markdown_report(results, probe, params.max_length, cached)
@@ -102,38 +112,28 @@ def not_applicable(out: Path, reason: str) -> dict:
     return {"measured": 0, "reason": reason}
 
 
-def general_ability(params: ForgettingParams, model_dir: Path, merged_dir: Path | None, base_dir: Path, base_hash: str,
-                    tokenizer, cache_dir: Path) -> dict:
-    """HumanEval pass@k of base, tuned and merged (completions run only in tunekit.sandbox), each with its
-    change against the base: a drop is forgetting of a general ability. The base's result is cached."""
+def humaneval_scorer(params: ForgettingParams, tokenizer):
+    """(model, label) -> HumanEval pass@k metrics of `params.code`; completions run only in tunekit.sandbox."""
     from tunekit.generate import score_code
     from tunekit.sandbox import load_humaneval
 
-    code = params.code
-    problems = load_humaneval(code.problems)
+    problems = load_humaneval(params.code.problems)
     eot = tokenizer.eos_token or ""  # raw completion, no chat template: stop at eos or the code stops
 
-    def run_one(model, label: str) -> dict:
-        metrics, _ = score_code(model, tokenizer, problems, eot, code, params.batch_size, label)
-        return metrics
+    def scores(model, label: str) -> dict:
+        return score_code(model, tokenizer, problems, eot, params.code, params.batch_size, label)[0]
+    return scores
 
-    key = cache_key(base_hash, "humaneval:" + json.dumps(code.model_dump(exclude={"enabled"}), sort_keys=True), 0)
+
+def base_code_scores(params: ForgettingParams, humaneval, base_dir: Path, base_hash: str, cache_dir: Path) -> dict:
+    """The base's HumanEval scores, cached per base hash and code params like its probe scores."""
+    key = cache_key(base_hash, "humaneval:" + json.dumps(params.code.model_dump(exclude={"enabled"}), sort_keys=True), 0)
     cache = BaseScoreCache(cache_dir)
     base = cache.get(key)
     if base is None:
-        base = run_one(load_causal_lm(base_dir), "base")
+        base = humaneval(load_causal_lm(base_dir), "base")
         cache.put(key, base, base=str(base_dir), base_hash=base_hash, probe="humaneval")
-    results = {"base": base}
-    tuned = load_tuned(model_dir)
-    results["tuned"] = run_one(tuned.model, "tuned")
-    del tuned
-    if merged_dir is not None:
-        results["merged"] = run_one(load_causal_lm(merged_dir), "merged")
-    for name in ("tuned", "merged"):
-        if name in results:
-            for k in code.ks:
-                results[name][f"pass_at_{k}_delta"] = results[name][f"pass_at_{k}"] - base[f"pass_at_{k}"]
-    return results
+    return base
 
 
 def code_report(code: dict, params: ForgettingParams) -> str:

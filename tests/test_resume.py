@@ -169,6 +169,21 @@ def kill_and_resume(stages: Stages, killed: Path, reference: Path) -> tuple[int,
     return killed_at, resumed_log
 
 
+def same_weights_and_steps(killed: Path, reference: Path, weights: str) -> tuple[dict, dict, dict]:
+    """Assert the resumed run's `weights` file equals the reference run's tensor by tensor, and that both
+    ran every step on the same tokens; return (reference tensors, reference metrics, resumed metrics)."""
+    expected = load_file(reference / "out" / weights)
+    actual = load_file(killed / "out" / weights)
+    assert expected.keys() == actual.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    ref_metrics = json.loads((reference / "metrics.json").read_text())
+    res_metrics = json.loads((killed / "metrics.json").read_text())
+    assert res_metrics["steps"] == ref_metrics["steps"] == MAX_STEPS
+    assert res_metrics["trained_tokens"] == ref_metrics["trained_tokens"]
+    return expected, ref_metrics, res_metrics
+
+
 @pytest.mark.slow
 def test_dapt_kill_9_and_resume_gives_the_same_merged_weights(tiny_model_dir, tmp_path):
     from tunekit.demo import generate_domain
@@ -190,17 +205,9 @@ def test_dapt_kill_9_and_resume_gives_the_same_merged_weights(tiny_model_dir, tm
         kill_and_resume(stages, killed, reference)
 
     # dapt merges its LoRA: the output is plain full weights, compared tensor by tensor.
-    expected = load_file(reference / "out" / "model.safetensors")
-    actual = load_file(killed / "out" / "model.safetensors")
+    expected, ref_metrics, res_metrics = same_weights_and_steps(killed, reference, "model.safetensors")
     base = load_file(tiny_model_dir / "model.safetensors")
-    assert expected.keys() == actual.keys() and expected
     assert any((expected[name] - base[name]).abs().max() > 0 for name in base)  # training moved the weights
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    ref_metrics = json.loads((reference / "metrics.json").read_text())
-    res_metrics = json.loads((killed / "metrics.json").read_text())
-    assert res_metrics["steps"] == ref_metrics["steps"] == MAX_STEPS
-    assert res_metrics["trained_tokens"] == ref_metrics["trained_tokens"]
     assert res_metrics["perplexity_after"] == pytest.approx(ref_metrics["perplexity_after"], rel=1e-5)
     assert res_metrics["perplexity_after"] < res_metrics["perplexity_before"]
 
@@ -211,19 +218,10 @@ def test_kill_9_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_m
     with Stages(tiny_model_dir, tokenized) as stages:
         kill_and_resume(stages, killed, reference)
 
-    expected = load_file(reference / "out" / ADAPTER)
-    actual = load_file(killed / "out" / ADAPTER)
-    assert expected.keys() == actual.keys() and expected
-    # Training moved the weights (LoRA B starts at zero), so equality below is not equality of two inits.
+    expected, ref_metrics, res_metrics = same_weights_and_steps(killed, reference, ADAPTER)
+    # Training moved the weights (LoRA B starts at zero), so the equality checked is not equality of two inits.
     assert any(t.abs().max() > 0 for name, t in expected.items() if "lora_B" in name)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
-
-    ref_metrics = json.loads((reference / "metrics.json").read_text())
-    res_metrics = json.loads((killed / "metrics.json").read_text())
-    assert res_metrics["steps"] == ref_metrics["steps"] == MAX_STEPS
     assert res_metrics["best_step"] == ref_metrics["best_step"]
-    assert res_metrics["trained_tokens"] == ref_metrics["trained_tokens"]
     assert res_metrics["best_val_loss"] == pytest.approx(ref_metrics["best_val_loss"], rel=1e-5)
     assert res_metrics["final_train_loss"] == pytest.approx(ref_metrics["final_train_loss"], rel=1e-5)
     ref_history = json.loads((reference / "out" / "history.json").read_text())

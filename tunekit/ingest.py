@@ -335,6 +335,22 @@ def _read_any(path: Path, fmt: str, max_chars: int, task: str = "sft"
     return _read_lines(path, fmt, max_chars, task)
 
 
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text, "") per physical line, read as bytes and decoded line by line so that one
+    line in another encoding is that line's problem, not the file's; (line number, None, "byte 0x.. at
+    byte N") for a line that is not UTF-8. Line endings and a leading BOM are stripped, so decoder
+    positions count from the line's start."""
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            try:
+                yield line_no, raw.decode("utf-8"), ""
+            except UnicodeDecodeError as exc:
+                yield line_no, None, f"byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}"
+
+
 def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
                 ) -> Iterator[tuple[Record | TaskRecord | Reject | None, bytes]]:
     """One pair per physical line: (None, b"") for a blank line, else the line's Record or Reject.
@@ -347,62 +363,54 @@ def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
     detected: tuple[str, int] | None = None if fmt == "auto" else (fmt, 0)
     # classification: (multi-label?, line it was decided on): one kind of label per file.
     label_kind: tuple[bool, int] | None = None
-    # Bytes, decoded line by line, so one line in another encoding rejects that line, not the file.
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            # Without its line ending, so that decoder errors point at a column of this line.
-            raw = raw.rstrip(b"\r\n")
-            if line_no == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield Reject(name, line_no, "invalid_utf8",
-                             f"byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line is not valid UTF-8; "
-                             "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"), b""
-                continue
-            if not text.strip():
-                yield None, b""
-                continue
-            try:
-                obj = _parse_object(text)
-                if detected is None:
-                    found = _format_of(obj, ALL_FORMATS)
-                    if found is not None and found not in TASK_TYPES[task]:
-                        owner = next(t for t, formats in TASK_TYPES.items() if found in formats)
-                        raise IngestError(
-                            f"{name}:{line_no}: the line is {found} data ({_keys(obj)}) but task.type is {task}, "
-                            f"which reads {', '.join(TASK_TYPES[task])}; set task.type: {owner} in params.yaml to "
-                            f"train on it, or point ingest.inputs at {task} data")
-                    if found is not None:
-                        detected = (found, line_no)
-                if task == "sft":
-                    messages = _normalise(obj, detected, max_chars)
-                else:
-                    if detected is None:
-                        help_ = "; ".join(_TASK_KEYS_HELP[f] for f in TASK_TYPES[task] if f in _TASK_KEYS_HELP)
-                        raise _Bad("wrong_format", f"line has {_keys(obj)}, which match no {task} format, and no "
-                                                   f"earlier line did either; {help_}")
-                    fields = _normalise_task(obj, detected, max_chars)
-                    if detected[0] == "classification":
-                        multi = isinstance(fields["label"], list)
-                        if label_kind is None:
-                            label_kind = (multi, line_no)
-                        elif label_kind[0] != multi:
-                            kind = "multi-label (label is a list)" if label_kind[0] else "single-label (label is a string)"
-                            fix = (f'write the label as a list, e.g. [{json.dumps(fields["label"])}]' if label_kind[0]
-                                   else "give one label as a string, or make every line's label a list")
-                            raise _Bad("wrong_type", f"label is {_describe(obj['label'])} but the file is {kind} as "
-                                                     f"decided by line {label_kind[1]}; {fix}")
-            except _Bad as bad:
-                yield Reject(name, line_no, bad.reason, bad.detail), b""
-                continue
+    for line_no, text, bad_byte in _decoded_lines(path):
+        if text is None:
+            yield Reject(name, line_no, "invalid_utf8",
+                         f"{bad_byte} of the line is not valid UTF-8; "
+                         "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"), b""
+            continue
+        if not text.strip():
+            yield None, b""
+            continue
+        try:
+            obj = _parse_object(text)
+            if detected is None:
+                found = _format_of(obj, ALL_FORMATS)
+                if found is not None and found not in TASK_TYPES[task]:
+                    owner = next(t for t, formats in TASK_TYPES.items() if found in formats)
+                    raise IngestError(
+                        f"{name}:{line_no}: the line is {found} data ({_keys(obj)}) but task.type is {task}, "
+                        f"which reads {', '.join(TASK_TYPES[task])}; set task.type: {owner} in params.yaml to "
+                        f"train on it, or point ingest.inputs at {task} data")
+                if found is not None:
+                    detected = (found, line_no)
             if task == "sft":
-                digest = _digest(messages)
-                yield Record(messages, name, line_no, digest.hex()[:16]), digest
+                messages = _normalise(obj, detected, max_chars)
             else:
-                digest = _task_digest(TASK_OF_FORMAT[detected[0]], fields)
-                yield TaskRecord(TASK_OF_FORMAT[detected[0]], fields, name, line_no, digest.hex()[:16]), digest
+                if detected is None:
+                    help_ = "; ".join(_TASK_KEYS_HELP[f] for f in TASK_TYPES[task] if f in _TASK_KEYS_HELP)
+                    raise _Bad("wrong_format", f"line has {_keys(obj)}, which match no {task} format, and no "
+                                               f"earlier line did either; {help_}")
+                fields = _normalise_task(obj, detected, max_chars)
+                if detected[0] == "classification":
+                    multi = isinstance(fields["label"], list)
+                    if label_kind is None:
+                        label_kind = (multi, line_no)
+                    elif label_kind[0] != multi:
+                        kind = "multi-label (label is a list)" if label_kind[0] else "single-label (label is a string)"
+                        fix = (f'write the label as a list, e.g. [{json.dumps(fields["label"])}]' if label_kind[0]
+                               else "give one label as a string, or make every line's label a list")
+                        raise _Bad("wrong_type", f"label is {_describe(obj['label'])} but the file is {kind} as "
+                                                 f"decided by line {label_kind[1]}; {fix}")
+        except _Bad as bad:
+            yield Reject(name, line_no, bad.reason, bad.detail), b""
+            continue
+        if task == "sft":
+            digest = _digest(messages)
+            yield Record(messages, name, line_no, digest.hex()[:16]), digest
+        else:
+            digest = _task_digest(TASK_OF_FORMAT[detected[0]], fields)
+            yield TaskRecord(TASK_OF_FORMAT[detected[0]], fields, name, line_no, digest.hex()[:16]), digest
 
 
 def _parse_object(text: str) -> dict[str, Any]:
@@ -767,38 +775,29 @@ def _read_conll(path: Path, max_chars: int) -> Iterator[tuple[TaskRecord | Rejec
         digest = _task_digest("token_classification", fields)
         return TaskRecord("token_classification", fields, name, first, digest.hex()[:16]), digest
 
-    with open(path, "rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            raw = raw.rstrip(b"\r\n")
-            if line_no == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                text = None
-                if problem is None:
-                    problem = ("invalid_utf8", f"line {line_no}: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
-                                               "is not valid UTF-8; re-save the file as UTF-8")
-            if text is not None and not text.strip():
-                if first:
-                    yield finish()
-                    tokens, tags, first, problem = [], [], 0, None
-                yield None, b""
-                continue
-            if text is not None and text.split()[0] == "-DOCSTART-":
-                continue
-            if not first:
-                first = line_no
-            if text is None:
-                continue
-            columns = text.split()
-            if len(columns) < 2:
-                if problem is None:
-                    problem = ("wrong_format", f"line {line_no} has {len(columns)} column ({_describe(text)}); each "
-                                               "line needs a token and its tag separated by whitespace, and "
-                                               "sentences are separated by a blank line")
-                continue
-            tokens.append(columns[0])
-            tags.append(columns[-1])
+    for line_no, text, bad_byte in _decoded_lines(path):
+        if text is None and problem is None:
+            problem = ("invalid_utf8", f"line {line_no}: {bad_byte} is not valid UTF-8; re-save the file as UTF-8")
+        if text is not None and not text.strip():
+            if first:
+                yield finish()
+                tokens, tags, first, problem = [], [], 0, None
+            yield None, b""
+            continue
+        if text is not None and text.split()[0] == "-DOCSTART-":
+            continue
+        if not first:
+            first = line_no
+        if text is None:
+            continue
+        columns = text.split()
+        if len(columns) < 2:
+            if problem is None:
+                problem = ("wrong_format", f"line {line_no} has {len(columns)} column ({_describe(text)}); each "
+                                           "line needs a token and its tag separated by whitespace, and "
+                                           "sentences are separated by a blank line")
+            continue
+        tokens.append(columns[0])
+        tags.append(columns[-1])
     if first:
         yield finish()
