@@ -29,12 +29,12 @@ import torch
 from tunekit.forgetting import load_probe
 from tunekit.io import atomic_dir, content_hash, read_meta, write_json, write_meta
 from tunekit.methods import get_method, parameter_counts
-from tunekit.models import PASSTHROUGH, load_causal_lm, load_tokenizer, set_threads
+from tunekit.models import PASSTHROUGH, compute_device, load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import DaptParams, FinetuneParams, ProjectParams, load_section
 from tunekit.plots import loss_curve_png, write_csv
 from tunekit.text import TextError, load_documents, pack, pack_documents, split_blocks
 from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
-from tunekit.train import TrainConfig, evaluate_loss, train
+from tunekit.train import BF16_ON_CPU, TrainConfig, evaluate_loss, train
 
 log = logging.getLogger("tunekit")
 
@@ -91,6 +91,9 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
         log.info("dapt.enabled is false: %s passes %s through unchanged (no weights copied)", out, model_dir)
         return pass_through(params, model_dir, out, plots), {"history": [], "evals": []}
     started = time.perf_counter()
+    device = compute_device()
+    if params.precision == "bf16" and device.type != "cuda":
+        raise SystemExit(BF16_ON_CPU.replace("finetune.", "dapt."))
     threads = set_threads(params.threads)
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_dir)
@@ -114,7 +117,7 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
              len(documents), stream_tokens, len(blocks), params.block_size, len(train_blocks), len(val_blocks), len(replay))
 
     method = get_method(params.method)
-    model = method.prepare(load_causal_lm(model_dir), FinetuneParams(method=params.method, lora=params.lora))
+    model = method.prepare(load_causal_lm(model_dir, device=device), FinetuneParams(method=params.method, lora=params.lora))
     counts = parameter_counts(model)
     before = evaluate_loss(model, scored, pad_id, params.batch_size)
     log.info("domain perplexity before: %.3f", before["perplexity"])
@@ -132,7 +135,7 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
     log.info("domain perplexity after: %.3f", after["perplexity"])
 
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.cpu().save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "history.json", {"train": state.history, "validation": state.evals})
         write_meta(tmp, "dapt", {"seed": seed, **params.model_dump(), "lr": cfg.lr}, parent=model_dir,

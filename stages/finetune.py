@@ -41,7 +41,7 @@ from tunekit.card import write_card
 from tunekit.heads import TaskObjective
 from tunekit.io import atomic_dir, content_hash, read_jsonl, read_meta, write_json, write_meta
 from tunekit.methods import Method, method_for, parameter_counts
-from tunekit.models import load_tokenizer, set_threads
+from tunekit.models import compute_device, load_tokenizer, set_threads
 from tunekit.params import FinetuneParams, ProjectParams, TemplateParams, load_section
 from tunekit.plots import forgetting_curve_png, loss_curve_png, write_csv
 from tunekit.tracking import configure_logging, data_tags, log_checkpoint, log_datasets, log_metrics, stage_run
@@ -109,26 +109,14 @@ def general_text_rows(params: FinetuneParams, tokenizer, replay_max_length: int)
     return replay_rows, probe_rows
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def _load_for_training(method: Method, model_dir: Path, device: torch.device) -> torch.nn.Module:
-    if device.type == "cuda" and method.name == "qlora":
-        torch.cuda.set_device(device)
-        return method.load_base(model_dir, device="cuda")  # load_4bit: bf16 compute on CUDA
-    model = method.load_base(model_dir)
-    return model.to(device) if device.type == "cuda" else model
-
-
 def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out: Path,
         plots: Path, checkpoints: Path, template_max_length: int = 512, task=None) -> tuple[dict, dict]:
     rank, world = dist_info()
-    device = _device()
+    device = compute_device()
     if params.precision == "bf16" and device.type != "cuda":
         raise SystemExit(BF16_ON_CPU)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     # threads 0 = all cores, shared evenly by the processes of one run
     threads = set_threads(params.threads or (max(1, (os.cpu_count() or 1) // world) if world > 1 else 0))
     torch.manual_seed(seed)
@@ -137,7 +125,7 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     spec = None
     if task is not None and task.type != "sft":  # a head on the base (tunekit.heads)
         spec, method = task_setup(task, params, method, model_dir, data_dir)
-    model = method.prepare(_load_for_training(method, model_dir, device), params)
+    model = method.prepare(method.load_base(model_dir, device=device), params)  # qlora on CUDA: bf16 compute
     counts = parameter_counts(model)
     log.info("method %s: %d of %d parameters trainable (%.3f%%)", method.name, counts["trainable_parameters"],
              counts["total_parameters"], 100 * counts["trainable_fraction"])
@@ -154,7 +142,7 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     cfg = TrainConfig(
         **params.loop_config(), lr=params.lr, seed=seed, full_forward=method.full_forward,
         layer_lr_decay=params.layer_lr_decay, head_lr=params.head_lr, l2_to_init=params.l2_to_init, replay_ratio=params.replay.ratio,
-        forgetting_every=params.forgetting_every_n_steps, precision=params.precision,
+        forgetting_every=params.forgetting_every_n_steps,
         objective=None if spec is None else TaskObjective(spec),
     )
     started = time.perf_counter()
@@ -225,12 +213,17 @@ def main(argv: list[str] | None = None) -> None:
     template: TemplateParams = load_section("template")  # replay rows are cut to template.max_length by default
 
     if params.processes > 1 and "LOCAL_RANK" not in os.environ:
+        gpus = torch.cuda.device_count() if compute_device().type == "cuda" else 0
+        if 0 < gpus < params.processes:
+            raise SystemExit(f"finetune.processes is {params.processes} but {gpus} GPU(s) are visible: each worker needs its "
+                             f"own GPU (NCCL refuses two ranks on one). Set finetune.processes to at most {gpus}, or "
+                             "TUNEKIT_DEVICE=cpu to run the workers on the CPU with gloo")
         command = torchrun_command(params.processes, list(sys.argv[1:] if argv is None else argv))
         log.info("finetune.processes = %d: %s", params.processes, " ".join(command))
         raise SystemExit(subprocess.call(command))
     distributed = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+        torch.distributed.init_process_group("nccl" if compute_device().type == "cuda" else "gloo",
                                              timeout=datetime.timedelta(minutes=30))
     rank, world = dist_info()
     log.info("rank %d of %d", rank, world)

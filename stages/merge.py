@@ -45,9 +45,11 @@ class MergeMismatch(Exception):
 
 @torch.no_grad()
 def logits_on(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on the CPU (where the checks compare them), whichever device it computes on."""
     model.eval()
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits.float().cpu()
 
 
 def max_logit_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
@@ -215,7 +217,7 @@ def register_merged(mlflow, model_dir: Path, name: str) -> str:
     from transformers import pipeline
 
     model_dir = model_dir.resolve()
-    generator = pipeline("text-generation", model=load_causal_lm(model_dir), tokenizer=load_tokenizer(model_dir))
+    generator = pipeline("text-generation", model=load_causal_lm(model_dir, device="cpu"), tokenizer=load_tokenizer(model_dir))
     requirements = [f"{package}=={version(package)}" for package in ("torch", "transformers", "safetensors", "accelerate")]
     info = mlflow_transformers.log_model(generator, name="merged_model", registered_model_name=name,
                                          pip_requirements=requirements, await_registration_for=60)

@@ -81,3 +81,20 @@ def test_quick_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_pat
         assert s["ratios"]["speed"]["median"] > 0 and 0 < s["flops"]["fraction_of_peak"]
     table = (tmp_path / "latest.md").read_text()
     assert "TRL SFTTrainer" in table and "speed ours/TRL" in table
+
+
+def test_cuda_precision_benchmark_smoke_runs_on_the_cpu(tmp_path, capsys):
+    """bench/cuda_precision.py is meant for a GPU; its CPU smoke mode keeps it from rotting."""
+    spec = importlib.util.spec_from_file_location("cuda_precision", REPO / "bench" / "cuda_precision.py")
+    precision = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(precision)
+    out = tmp_path / "precision.json"
+    precision.main(["--device", "cpu", "--tiny", "--precisions", "fp32", "--steps", "2", "--warmup", "1",
+                    "--batch-size", "2", "--length", "16", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["precision"], r["steps"], r["tokens"]) for r in results] == [
+        ("lora", "fp32", 2, 2 * 2 * 15), ("full", "fp32", 2, 2 * 2 * 15)]
+    assert all(r["tokens_per_second"] > 0 for r in results)
+    assert "| lora | fp32 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="CUDA only"):
+        precision.main(["--device", "cpu", "--tiny"])

@@ -11,6 +11,7 @@ from tests.conftest import tiny_llama
 from tunekit.chat import encode_conversation, resolve_chat_template
 from tunekit.forgetting import pydoc_paragraphs
 from tunekit.methods import load_4bit, method_for
+from tunekit.models import compute_device
 from tunekit.params import FinetuneParams, ParamsError, validate_section
 from tunekit.train import (BF16_ON_CPU, BatchPlan, TrainConfig, accumulate_gradients, add_l2_to_init_gradient,
                            collate, evaluate_loss, l2_anchors, l2_to_init_penalty, make_optimizer, make_scheduler,
@@ -222,6 +223,31 @@ def test_bf16_is_refused_on_the_cpu_with_the_reason(rows, smollm2_tokenizer, tmp
     with pytest.raises(ValueError, match="500x slower"):
         train(tiny_llama(len(smollm2_tokenizer)), rows, [], cfg, smollm2_tokenizer.pad_token_id, tmp_path)
     assert "use precision: fp32" in BF16_ON_CPU
+
+
+def test_compute_device_follows_tunekit_device_and_says_what_is_wrong(monkeypatch):
+    monkeypatch.setenv("TUNEKIT_DEVICE", "cpu")
+    assert compute_device() == torch.device("cpu")
+    monkeypatch.setenv("TUNEKIT_DEVICE", "tpu")
+    with pytest.raises(SystemExit, match="TUNEKIT_DEVICE='tpu' is not a device; use cpu, cuda or cuda:N"):
+        compute_device()
+    monkeypatch.setenv("TUNEKIT_DEVICE", "cuda:0")
+    if torch.cuda.is_available():
+        assert compute_device() == torch.device("cuda", 0)
+    else:
+        with pytest.raises(SystemExit, match="torch sees no CUDA device; unset it or use TUNEKIT_DEVICE=cpu"):
+            compute_device()
+    monkeypatch.delenv("TUNEKIT_DEVICE")
+    assert compute_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_dapt_refuses_bf16_on_the_cpu(tiny_model_dir, tmp_path):
+    from stages import dapt
+    from tunekit.params import DaptParams
+
+    params = DaptParams(enabled=True, inputs=str(tmp_path), precision="bf16")
+    with pytest.raises(SystemExit, match=r"dapt\.precision: bf16 autocasts on CUDA only"):
+        dapt.run(params, 0, tiny_model_dir, tmp_path / "out", tmp_path / "plots", tmp_path / "ckpt")
 
 
 @pytest.mark.gpu

@@ -81,7 +81,8 @@ def generate_samples(model, tokenizer, prompts: Sequence[Prompt], eot_marker: st
     outputs: dict[int, list[str]] = {}
     for start in tqdm(range(0, len(order), per_batch), desc=desc, unit="batch", dynamic_ncols=True):
         chunk = order[start:start + per_batch]
-        enc = tokenizer([prompts[i].text for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([prompts[i].text for i in chunk], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
         generated = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stops,
                                    pad_token_id=tokenizer.pad_token_id, use_cache=True,
                                    num_return_sequences=samples, **sampling)

@@ -288,11 +288,12 @@ def _dropout_of(config) -> float:
     return 0.0
 
 
-def _quantization(head_names: Sequence[str]):
+def _quantization(head_names: Sequence[str], device: torch.device):
     from transformers import BitsAndBytesConfig
 
     # The new head stays in fp32: it is trained in full (PEFT modules_to_save), not through LoRA.
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32  # as tunekit.methods.load_4bit
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                               llm_int8_skip_modules=list(head_names))
 
 
@@ -305,17 +306,20 @@ def _no_avx512_repack(model: torch.nn.Module) -> None:
                 module.support_avx512bf16_for_cpu = False  # see tunekit.methods.load_4bit
 
 
-def load_task_base(model_dir: Path, spec: TaskSpec, quantize: bool = False) -> torch.nn.Module:
+def load_task_base(model_dir: Path, spec: TaskSpec, quantize: bool = False,
+                   device: torch.device | str | None = None) -> torch.nn.Module:
     """The base checkpoint with a new, untrained head for `spec` (initialised from a fixed seed, so every
-    stage builds the same one). `quantize`: the backbone in 4-bit NF4 (qlora), the head in fp32."""
+    stage builds the same one), on `device` (default: `compute_device()`). `quantize`: the backbone in
+    4-bit NF4 (qlora), the head in fp32."""
     from transformers import AutoModel
 
-    from tunekit.models import resolve_checkpoint
+    from tunekit.models import compute_device, resolve_checkpoint
 
     path = str(resolve_checkpoint(model_dir))
+    device = torch.device(device or compute_device())
     extra: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
     if quantize:
-        extra.update(quantization_config=_quantization(HEAD_NAMES), device_map={"": "cpu"})
+        extra.update(quantization_config=_quantization(HEAD_NAMES, device), device_map={"": str(device)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_INIT_SEED)
         if uses_custom_head(spec):
@@ -341,13 +345,22 @@ def load_task_base(model_dir: Path, spec: TaskSpec, quantize: bool = False) -> t
             model.config.pad_token_id = load_tokenizer(Path(path)).pad_token_id
     if quantize:
         _no_avx512_repack(model)
-    return model
+        return model.to(device) if isinstance(model, PooledClassifier) else model  # its head is built on the CPU
+    return model.to(device)
 
 
-def load_task_model(model_dir: Path, spec: TaskSpec | None = None) -> torch.nn.Module:
+def load_task_model(model_dir: Path, spec: TaskSpec | None = None,
+                    device: torch.device | str | None = None) -> torch.nn.Module:
     """A saved task model with its trained head: a custom head (task_head.json beside the backbone) or a
-    transformers task class (named in config.json's architectures). The one loader for finetune's full
-    checkpoints, merged checkpoints and anything a user wants to serve."""
+    transformers task class (named in config.json's architectures), on `device` (default:
+    `compute_device()`). The one loader for finetune's full checkpoints, merged checkpoints and anything
+    a user wants to serve."""
+    from tunekit.models import compute_device
+
+    return _load_task_model(model_dir, spec).to(device or compute_device())
+
+
+def _load_task_model(model_dir: Path, spec: TaskSpec | None) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModel
 
     from tunekit.models import resolve_checkpoint
@@ -450,8 +463,8 @@ def task_method(method, spec: TaskSpec):
         raise MethodError("method adapter (bottleneck adapters) saves only the adapters, built for Llama-style decoder "
                           "blocks, not a task head; for task heads use lora, dora, ia3, qlora, full, freeze or head")
 
-    def load_base(path: Path, device: str = "cpu") -> torch.nn.Module:
-        return load_task_base(path, spec, quantize=quantize)
+    def load_base(path: Path, device: torch.device | str | None = None) -> torch.nn.Module:
+        return load_task_base(path, spec, quantize=quantize, device=device)
 
     checkpoint = method.checkpoint
     if checkpoint is FULL_WEIGHTS or not checkpoint.saves_adapter:
@@ -596,12 +609,12 @@ def predict(model: torch.nn.Module, rows: Sequence[dict[str, Any]], spec: TaskSp
                 out[i] = {"scores": probs.tolist(), "logits": logits.tolist()}
             elif spec.type == "token_classification":
                 logits = _real_positions(outputs.logits, width)[j, :k].float()
-                out[i] = {"pred_ids": logits.argmax(-1).tolist(), "logits": logits}
+                out[i] = {"pred_ids": logits.argmax(-1).tolist(), "logits": logits.cpu()}
             else:
                 start_logits = _real_positions(outputs.start_logits.unsqueeze(-1), width).squeeze(-1)[j, :k].float()
                 end_logits = _real_positions(outputs.end_logits.unsqueeze(-1), width).squeeze(-1)[j, :k].float()
                 out[i] = {"start_logits": start_logits.tolist(), "end_logits": end_logits.tolist(),
-                          "logits": torch.stack([start_logits, end_logits])}
+                          "logits": torch.stack([start_logits, end_logits]).cpu()}
     model.train(was_training)
     return out, total / max(count, 1)
 

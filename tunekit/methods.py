@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from tunekit.heads import head_module_names, is_task_model, lora_targets, peft_task_type, train_head_only, transformer_layers
 from tunekit.io import read_meta
-from tunekit.models import load_causal_lm, resolve_checkpoint
+from tunekit.models import compute_device, load_causal_lm, resolve_checkpoint
 from tunekit.params import FinetuneParams
 
 log = logging.getLogger("tunekit")
@@ -199,16 +199,17 @@ BOTTLENECK_ADAPTER = Checkpoint(True, save_bottlenecks, load_bottlenecks, bottle
 # ---------------------------------------------------------------- how the base is loaded
 
 
-def load_4bit(path: Path, device: str = "cpu") -> Module:
-    """The base in 4-bit NF4 (QLoRA). tunekit trains on the CPU, where bitsandbytes computes in
-    float32; on CUDA the compute dtype is bfloat16."""
+def load_4bit(path: Path, device: torch.device | str | None = None) -> Module:
+    """The base in 4-bit NF4 (QLoRA), on `device` (default: `compute_device()`). On the CPU
+    bitsandbytes computes in float32; on CUDA the compute dtype is bfloat16."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    device = torch.device(device or compute_device())
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_checkpoint(path)), quantization_config=quantization, device_map={"": device},
-                                                 use_safetensors=True)
+                                      bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_checkpoint(path)), quantization_config=quantization,
+                                                 device_map={"": str(device)}, use_safetensors=True)
     # On CPUs with AVX512-BF16, bitsandbytes repacks a layer's weights for a faster kernel the first time
     # it runs in eval mode without grad (a validation pass) and never packs them back; that kernel has no
     # backward, so later training steps would silently get wrong gradients through the frozen base (and
@@ -231,7 +232,7 @@ class Method:
     why_not_mergeable: str = ""  # for an adapter that does not: why, and how to serve it instead
     # The loss must run the model's own forward (PEFT prepends virtual tokens there), not the decoder.
     full_forward: bool = False
-    load_base: Callable[[Path], Module] = load_causal_lm  # for training and evaluation; merge uses full precision
+    load_base: Callable[..., Module] = load_causal_lm  # (path, device=None): for training and evaluation; merge uses full precision
     # Settles what depends on params (the `peft` pass-through knows its flags only from its config).
     specialise: Callable[[Method, FinetuneParams], Method] | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -170,10 +171,35 @@ def resolve_checkpoint(path: Path) -> Path:
                                    "(relative paths are from the project root); re-run the stage that writes it")
 
 
-def load_causal_lm(path: Path, dtype: str = "float32"):
+DEVICE_ENV = "TUNEKIT_DEVICE"
+
+
+def compute_device() -> torch.device:
+    """Where the stages load their models and compute: `TUNEKIT_DEVICE` when set (`cpu`, `cuda`,
+    `cuda:1`), else this process's GPU (`cuda:LOCAL_RANK`) when CUDA is present, else the CPU."""
+    name = os.environ.get(DEVICE_ENV, "").strip()
+    if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise SystemExit(f"{DEVICE_ENV}={name!r} is not a device; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"{DEVICE_ENV}={name!r} but torch sees no CUDA device; unset it or use {DEVICE_ENV}=cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise SystemExit(f"{DEVICE_ENV}={name!r}: tunekit runs on cpu or cuda")
+        if device.type == "cpu" or device.index is not None:
+            return device
+    elif not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per worker process
+
+
+def load_causal_lm(path: Path, dtype: str = "float32", device: torch.device | str | None = None):
+    """A causal LM from safetensors, on `device` (default: `compute_device()`)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(resolve_checkpoint(path)), dtype=DTYPES[dtype], use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_checkpoint(path)), dtype=DTYPES[dtype], use_safetensors=True)
+    return model.to(device or compute_device())
 
 
 def load_tokenizer(path: Path):
