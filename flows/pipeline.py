@@ -29,7 +29,7 @@ from tunekit.io import git_commit  # noqa: E402
 from tunekit.params import ProjectParams, flatten, load_all  # noqa: E402
 from tunekit.tracking import PARENT_RUN_ENV, log_metrics, setup_mlflow  # noqa: E402
 
-STAGES = ("demo", "base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting")
+STAGES = ("demo", "base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting", "export")
 LOCK_MESSAGE = "Unable to acquire lock"  # DVC's repository lock (.dvc/tmp/lock)
 BUSY_MESSAGE = "is busy, it is being blocked by"  # DVC's lock on a running stage's deps and outs (.dvc/tmp/rwlock)
 

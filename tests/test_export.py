@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from stages import finetune, merge
+from stages import evaluate, export, finetune, forgetting, merge
 from tests.conftest import tiny_llama
 from tunekit.card import CARD_FILE, render_card
 from tunekit.chat import encode_conversation, resolve_chat_template
-from tunekit.io import read_jsonl, read_meta, write_jsonl
+from tunekit.io import read_jsonl, read_meta, write_json, write_jsonl
 from tunekit.methods import load_tuned
-from tunekit.params import FinetuneParams, MergeParams
+from tunekit.params import EvaluateParams, FinetuneParams, ForgettingParams, MergeParams, TemplateParams
 from tunekit.train import collate
 
 torch.set_num_threads(1)
@@ -128,3 +128,54 @@ def test_cards_beside_both_checkpoints_are_complete_and_reproducible(base_dir, d
     full = render_card(tmp_path / "merged-a", {"evaluate": {"merged": {"exact_match": 0.5}},
                                                "forgetting": {"merged": {"relative_loss_change": 0.049}}})
     assert "| `merged.exact_match` | 0.5 |" in full and "| `merged.relative_loss_change` | 0.049 |" in full
+
+
+def test_export_ships_the_merged_weights_with_evaluation_and_forgetting_in_the_card(base_dir, data_dir, tmp_path):
+    adapter_dir, finetune_metrics = tuned("lora", base_dir, data_dir, tmp_path)
+    merged_dir = tmp_path / "merged"
+    metrics = {"finetune": finetune_metrics, "merge": merge.run(MergeParams(atol=1e-4), adapter_dir, data_dir, merged_dir)}
+    ingested = tmp_path / "ingested"  # the evaluate stage scores generations against the ingested conversations
+    ingested.mkdir()
+    write_jsonl(ingested / "test.jsonl", [{"id": str(i), "messages": [{"role": "user", "content": q},
+                                                                      {"role": "assistant", "content": a}]}
+                                          for i, (q, a) in enumerate(CONVERSATIONS)])
+    metrics["evaluate"] = evaluate.run(EvaluateParams(max_new_tokens=4, metrics=["exact_match"], few_shot=None),
+                                       TemplateParams(), adapter_dir, ingested, data_dir, tmp_path / "report",
+                                       merged_dir=merged_dir)
+    metrics["forgetting"] = forgetting.run(ForgettingParams(probe_passages=8, max_length=32, batch_size=8), adapter_dir,
+                                           merged_dir, tmp_path / "forgetting", tmp_path / "cache")
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    for stage, values in metrics.items():
+        write_json(metrics_dir / f"{stage}.json", values)
+
+    out = tmp_path / "export"
+    result = export.run(adapter_dir, merged_dir, metrics_dir, out)
+    assert result["merged"] and result["source"] == str(merged_dir)
+    assert result["card_sections"] == ["evaluate", "finetune", "forgetting", "merge"]
+    shipped = sorted(p.name for p in out.iterdir())
+    assert shipped == sorted(p.name for p in merged_dir.iterdir())  # every file, README.md replaced
+    assert (out / "model.safetensors").stat().st_ino == (merged_dir / "model.safetensors").stat().st_ino  # linked
+    card = (out / CARD_FILE).read_text()
+    assert card != (merged_dir / CARD_FILE).read_text() and "Scored downstream" not in card
+    for expected in (f"| `tuned.exact_match` | {metrics['evaluate']['tuned']['exact_match']:.4g} |",
+                     f"| `merged.loss` | {metrics['forgetting']['merged']['loss']:.4g} |",
+                     f"| `max_logit_difference` | {metrics['merge']['max_logit_difference']:.4g} |",
+                     "# Model card: merge checkpoint (lora, merged checkpoint", "AutoModelForCausalLM.from_pretrained"):
+        assert expected in card, expected
+    batch = collate(list(read_jsonl(data_dir / "test.jsonl")), 0)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out, use_safetensors=True), batch),
+                               logits(AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True), batch))
+
+    # A method that cannot merge: the adapter itself is exported, and the card says how to serve it.
+    bottleneck_dir, _ = tuned("adapter", base_dir, data_dir, tmp_path)
+    refused = tmp_path / "refused"
+    merge.run(MergeParams(), bottleneck_dir, data_dir, refused)
+    result = export.run(bottleneck_dir, refused, metrics_dir, tmp_path / "export-adapter")
+    assert not result["merged"] and result["source"] == str(bottleneck_dir) and "merge" not in result["card_sections"]
+    card = (tmp_path / "export-adapter" / CARD_FILE).read_text()
+    assert "(adapter, adapter)" in card and "load_tuned" in card and "## Merge check" not in card
+
+    with pytest.raises(SystemExit, match="meta.json is missing"):
+        export.run(tmp_path / "nowhere", None, metrics_dir, tmp_path / "export-none")
+    assert not (tmp_path / "export-none").exists()

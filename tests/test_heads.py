@@ -269,6 +269,9 @@ def test_finetune_merge_evaluate_stages_with_lora(task, arch, pooling, bert_dir,
     merge_metrics = merge.run(MergeParams(registered_model=None, check_examples=8), out, data, merged)
     assert merge_metrics["predictions_identical"] == 1 and merge_metrics["max_logit_difference"] <= 1e-3
     standalone = load_task_model(merged)  # no peft, no spec: the checkpoint says what it is
+    tag = {"classification": "text-classification", "token_classification": "token-classification", "qa": "question-answering"}[task]
+    for card, loader in (((merged / "README.md").read_text(), "load_task_model(Path("), ((out / "README.md").read_text(), "load_tuned(Path(")):
+        assert f"pipeline_tag: {tag}" in card and loader in card and "AutoModelForCausalLM" not in card
     assert not any("lora" in name for name, _ in standalone.named_parameters())
 
     results = evaluate.run_task(EvaluateParams(batch_size=8), out, ingested, data, tmp_path / "report", merged, task_params)

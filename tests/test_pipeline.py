@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGE_RUNS = {"base", "ingest", "template", "dapt", "finetune", "evaluate", "merge", "forgetting"}
+STAGE_RUNS = {"base", "ingest", "template", "dapt", "finetune", "evaluate", "merge", "forgetting", "export"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
 
 
@@ -91,6 +91,10 @@ def test_flow_runs_every_stage_and_tracks_it(project):
     assert forgetting["base_cached"] is False and forgetting["probe"]["passages"] == 64
     assert forgetting["base"]["loss_delta"] == 0 and forgetting["merged"]["loss"] == pytest.approx(forgetting["tuned"]["loss"], abs=1e-3)
     assert (root / "reports/forgetting/report.md").is_file() and (root / "reports/forgetting/loss.png").is_file()
+    # The export: the merged weights with the complete card (evaluation and forgetting numbers in it).
+    card = (root / "models/export/README.md").read_text()
+    assert (root / "models/export/model.safetensors").read_bytes() == (root / "models/merged/model.safetensors").read_bytes()
+    assert "| `tuned.exact_match` |" in card and "| `tuned.relative_loss_change` |" in card and "Scored downstream" not in card
 
     lineage = json.loads((root / "models/finetune/meta.json").read_text())
     assert lineage["parent"]["hash"] == json.loads((root / "models/base/meta.json").read_text())["hash"]

@@ -1,4 +1,4 @@
-"""Model cards: a `README.md` written next to every exported checkpoint (models/finetune, models/merged).
+"""Model cards: a `README.md` written next to every checkpoint (models/finetune, models/merged, models/export).
 
 A card says what the checkpoint is and how to use it: the base model, the method and its params, the
 content hashes of the data it was trained on, its training and merge numbers, the lineage read from
@@ -12,7 +12,8 @@ stages write the card inside their atomic output directory, after `meta.json`.
 Evaluation and forgetting are measured downstream of both checkpoints (evaluate and forgetting depend
 on models/merged), so a card inside a checkpoint cannot hold them without a cycle in the DAG. Those
 sections say where the numbers are; `render_card(..., metrics=every stage's metrics)` renders the
-complete card, which the pipeline flow logs to the parent MLflow run (`cards/<name>.md`).
+complete card, which the `export` stage writes beside the exported checkpoint (models/export) and the
+pipeline flow logs to the parent MLflow run (`cards/<name>.md`).
 """
 
 from __future__ import annotations
@@ -115,8 +116,21 @@ def _base_description(root: dict[str, Any]) -> tuple[str, str | None]:
     return f"`{root.get('path')}` (hash `{str(root.get('hash') or '')[:16]}`)", None
 
 
-def _how_to_load(chain: list[dict[str, Any]], meta: dict[str, Any], merged: bool) -> str:
+PIPELINE_TAGS = {"sft": "text-generation", "classification": "text-classification",
+                 "token_classification": "token-classification", "qa": "question-answering"}
+
+
+def _how_to_load(chain: list[dict[str, Any]], meta: dict[str, Any], merged: bool, task: str) -> str:
     method = meta.get("method", "")
+    if task != "sft":
+        if merged or not meta.get("saves_adapter"):
+            how, code = ("Standalone weights with the trained head", "from tunekit.heads import load_task_model\n\n"
+                         "model = load_task_model(Path(\"<this directory>\"))")
+        else:
+            how, code = ("An adapter and the trained head on the base named in `meta.json`",
+                         "from tunekit.methods import load_tuned\n\nmodel = load_tuned(Path(\"<this directory>\")).model")
+        return (f"{how} ({task.replace('_', ' ')}). tunekit loads it, head and labels included:\n\n```python\n"
+                f"from pathlib import Path\n\n{code}\n```\n")
     if merged or not meta.get("saves_adapter"):
         return ("Standalone weights; plain `transformers` loads them (no peft, no tunekit):\n\n```python\n"
                 "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -156,12 +170,13 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
     merged = meta.get("stage") == "merge"
     tuned = next((link["meta"] for link in chain if link["meta"].get("stage") == "finetune"), {})
     method = meta.get("method") or tuned.get("method") or "unknown"
+    task = ((meta.get("task") or tuned.get("task") or {}).get("type")) or "sft"
     base_text, hub_id = _base_description(chain[-1])
     metrics = dict(metrics or {})
 
     front = ["---", "library_name: " + ("transformers" if merged or not meta.get("saves_adapter") else
                                         "peft" if method in PEFT_METHODS else "tunekit"),
-             "pipeline_tag: text-generation", "tags:", "- tunekit", f"- {method}"]
+             f"pipeline_tag: {PIPELINE_TAGS.get(task, 'text-generation')}", "tags:", "- tunekit", f"- {method}"]
     if hub_id:
         front.append(f"base_model: {hub_id}")
     front.append("---")
@@ -218,7 +233,7 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
 
     out += ["## Lineage", "", "| stage | path | hash |", "|---|---|---|"]
     out += [f"| {link['stage']} | `{link['path']}` | `{str(link['hash'] or '')[:16]}` |" for link in chain]
-    out += ["", "## How to load", "", _how_to_load(chain, meta, merged)]
+    out += ["", "## How to load", "", _how_to_load(chain, meta, merged, task)]
     versions = meta.get("versions") or {}
     if versions:
         out += ["## Library versions", "", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())), ""]
