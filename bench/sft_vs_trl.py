@@ -53,6 +53,8 @@ SIZES = {
     "quick": {"variable": (8, 4), "multiturn": (8, 4), "demo": (30, 0)},
     "default": {"variable": (24, 12), "multiturn": (12, 6), "demo": (60, 0)},
     "full": {"variable": (64, 16), "multiturn": (32, 8), "demo": (400, 0)},
+    # On a GPU an epoch of the sets above lasts about a second: mostly start-up, not training.
+    "large": {"variable": (1024, 64), "multiturn": (512, 32), "demo": (4000, 0)},
 }
 SET_TITLES = {
     "variable": "(a) single-turn chats, 5-200 words each side",
@@ -215,16 +217,21 @@ def epoch_flops(rows: list[dict], constants: dict[str, float]) -> float:
             + 12 * constants["attn"] * context)
 
 
-def matmul_peak(threads: int, size: int = 2048, tries: int = 5) -> float:
+def matmul_peak(threads: int, size: int = 2048, tries: int = 5, device: str = "cpu", precision: str = "fp32") -> float:
+    """Best FLOP/s of a size^3 matmul: fp32 on the CPU; on CUDA in the training precision (bf16 or fp32)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.matmul(a, b)
+    sync()
     best = float("inf")
     for _ in range(tries):
         start = time.perf_counter()
         torch.matmul(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
 
@@ -255,7 +262,7 @@ def child_ours(args, train_rows, val_rows) -> dict:
     model = method.prepare(method.load_base(args.model), params)
     extra = json.loads(args.ours_options or "{}")
     cfg = TrainConfig(**{**params.loop_config(), "lr": params.lr, "seed": seed, "full_forward": method.full_forward,
-                         **extra})
+                         "precision": args.precision, **extra})
     with tempfile.TemporaryDirectory() as ckpt:
         start = time.perf_counter()
         # No validation rows: both trainers are timed on the epoch alone and scored afterwards alike.
@@ -294,7 +301,8 @@ def child_trl(args, train_rows, val_rows) -> dict:
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=params.lr,
         lr_scheduler_type={"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[params.schedule],
         warmup_steps=params.warmup_ratio, weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm or 0.0,
-        max_length=512, bf16=False, fp16=False, use_cpu=True, seed=seed, data_seed=seed, save_strategy="no",
+        max_length=512, bf16=args.precision == "bf16", fp16=False, use_cpu=args.device == "cpu", seed=seed,
+        data_seed=seed, save_strategy="no",
         eval_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
         **options)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -322,20 +330,22 @@ def child_main(args) -> None:
     train_rows, val_rows = _rows(data / "train.jsonl"), _rows(data / "validation.jsonl")
     result = (child_ours if args.child == "ours" else child_trl)(args, train_rows, val_rows)
     result["threads"] = torch.get_num_threads()
+    if args.device == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
 
 def run_child(trainer: str, data_dir: str, args, result_path: Path) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", trainer, "--data", data_dir,
                "--model", str(args.model), "--result", str(result_path), "--threads", str(args.threads),
-               "--batch-size", str(args.batch_size)]
+               "--batch-size", str(args.batch_size), "--device", args.device, "--precision", args.precision]
     if args.ours_options:
         command += ["--ours-options", args.ours_options]
     if args.trl_options:
         command += ["--trl-options", args.trl_options]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads),
-           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TUNEKIT_DEVICE": args.device}
     log = open(result_path.with_suffix(".log"), "w", encoding="utf-8")
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -410,12 +420,15 @@ def summarise(name: str, info: dict, runs: list[dict]) -> dict:
             "tokens_per_s": _stats([tokens / r["seconds"] for r in mine]),
             "trained_tokens_per_s": _stats([trained / r["seconds"] for r in mine]),
             "peak_rss_mb": _stats([r["peak_rss_mb"] for r in mine]),
+            **({"peak_gpu_mb": _stats([r["peak_gpu_mb"] for r in mine])} if "peak_gpu_mb" in mine[0] else {}),
             "final_train_loss": _stats([r["final_train_loss"] for r in mine]),
             "val_loss": _stats([r["val_loss"] for r in mine]),
         }
     ratios = {  # our/TRL per repetition (side by side), then min/median/max
         "speed": _stats([r["trl"]["seconds"] / r["ours"]["seconds"] for r in runs]),
         "peak_rss": _stats([r["ours"]["peak_rss_mb"] / r["trl"]["peak_rss_mb"] for r in runs]),
+        **({"peak_gpu": _stats([r["ours"]["peak_gpu_mb"] / r["trl"]["peak_gpu_mb"] for r in runs])}
+           if "peak_gpu_mb" in runs[0]["ours"] else {}),
         "val_loss": _stats([r["ours"]["val_loss"] / r["trl"]["val_loss"] for r in runs]),
     }
     return {"set": name, "title": SET_TITLES[name], "data": info, "runs": runs, "per_trainer": per, "ratios": ratios}
@@ -430,7 +443,10 @@ def markdown(report: dict) -> str:
              f"Machine: {report['machine']}; load average before/after: {report['load_before']} / {report['load_after']}  ",
              f"Repetitions: {report['reps']} (alternating, each run a fresh process); medians shown, "
              "ratios as median [min-max] of per-repetition our/TRL", ""]
-    lines += ["| data set | trainer | s/epoch | real tok/s | trained tok/s | peak RSS MB | final train loss | val loss |",
+    gpu = report.get("device") == "cuda"
+    memory, memory_key, ratio_key = ("peak GPU MB", "peak_gpu_mb", "peak_gpu") if gpu else ("peak RSS MB", "peak_rss_mb", "peak_rss")
+    lines.insert(2, f"Device: {report.get('gpu', report.get('device', 'cpu'))}, precision {report.get('precision', 'fp32')}  ")
+    lines += [f"| data set | trainer | s/epoch | real tok/s | trained tok/s | {memory} | final train loss | val loss |",
               "|---|---|---|---|---|---|---|---|"]
     for s in report["sets"]:
         d = s["data"]["train"]
@@ -438,19 +454,21 @@ def markdown(report: dict) -> str:
             p = s["per_trainer"][trainer]
             lines.append(f"| {s['title']}: {d['rows']} rows, {d['tokens']} tok ({d['trained_tokens']} trained) | {label} | "
                          f"{_fmt(p['seconds'])} | {_fmt(p['tokens_per_s'])} | {_fmt(p['trained_tokens_per_s'])} | "
-                         f"{_fmt(p['peak_rss_mb'], 0)} | {_fmt(p['final_train_loss'], 3)} | {_fmt(p['val_loss'], 3)} |")
-    lines += ["", "| data set | speed ours/TRL (tok/s) | peak RSS ours/TRL | val loss ours/TRL | our FLOP/s (fraction of matmul peak) |",
-              "|---|---|---|---|---|"]
+                         f"{_fmt(p[memory_key], 0)} | {_fmt(p['final_train_loss'], 3)} | {_fmt(p['val_loss'], 3)} |")
+    lines += ["", f"| data set | speed ours/TRL (tok/s) | {memory.replace(' MB', '')} ours/TRL | val loss ours/TRL | "
+              "our FLOP/s (fraction of matmul peak) |", "|---|---|---|---|---|"]
     for s in report["sets"]:
         r = s["ratios"]
         f = s["flops"]
         lines.append(f"| {s['title']} | {r['speed']['median']:.2f}x [{r['speed']['min']:.2f}-{r['speed']['max']:.2f}] | "
-                     f"{r['peak_rss']['median']:.2f} [{r['peak_rss']['min']:.2f}-{r['peak_rss']['max']:.2f}] | "
+                     f"{r[ratio_key]['median']:.2f} [{r[ratio_key]['min']:.2f}-{r[ratio_key]['max']:.2f}] | "
                      f"{r['val_loss']['median']:.3f} [{r['val_loss']['min']:.3f}-{r['val_loss']['max']:.3f}] | "
                      f"{f['gflops_per_s']:.1f} GFLOP/s ({100 * f['fraction_of_peak']:.0f} %) |")
     p = report["pipeline"]
-    lines += ["", f"fp32 matmul peak ({report['threads']} threads, 2048x2048, best of 5): {report['matmul_peak_gflops']:.1f} GFLOP/s  ",
-              f"No-op `dvc repro`: " + (f"{p['noop_dvc_repro']['seconds']:.2f} s" if "seconds" in p["noop_dvc_repro"]
+    peak_label = (f"{report.get('precision', 'fp32')} matmul peak (CUDA, {report.get('matmul_size', 8192)}^3, best of 5)" if gpu
+                  else f"fp32 matmul peak ({report['threads']} threads, 2048x2048, best of 5)")
+    lines += ["", f"{peak_label}: {report['matmul_peak_gflops']:.1f} GFLOP/s  ",
+              "No-op `dvc repro`: " + (f"{p['noop_dvc_repro']['seconds']:.2f} s" if "seconds" in p["noop_dvc_repro"]
                                         else p["noop_dvc_repro"]["status"]) + "  ",
               "Full default pipeline (last run): " + (f"{p['last_pipeline']['seconds']:.0f} s, ended {p['last_pipeline']['ended']}"
                                                       + f" (MLflow parent run {p['last_pipeline']['run_name']!r})"
@@ -468,7 +486,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="1 repetition and fewer rows: a smoke run")
     parser.add_argument("--full", action="store_true",
                         help="the issue's sizes: 64 single-turn chats, 32 multi-turn, the pipeline's 400 demo records (~1 h)")
+    parser.add_argument("--large", action="store_true", help="16x the --full sizes, for a GPU (an epoch of --full takes ~1 s there)")
     parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both trainers run")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA, both trainers")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--model", default=None, help="HF checkpoint dir (default: models/base or the embedded SmolLM2)")
@@ -486,12 +507,15 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     reps = args.reps or (1 if args.quick else 3)
-    sizes = SIZES["full" if args.full else "quick" if args.quick else "default"]
+    sizes = SIZES["large" if args.large else "full" if args.full else "quick" if args.quick else "default"]
+    if args.precision == "bf16" and args.device != "cuda":
+        parser.error("--precision bf16 needs --device cuda (tunekit refuses bf16 on the CPU)")
     args.model = base_model_dir(args.model)
     load_before = _load()
     print(f"model {args.model}; threads {args.threads}; reps {reps}; load average {load_before}", flush=True)
-    peak = matmul_peak(args.threads)
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    matmul_size = 8192 if args.device == "cuda" else 2048
+    peak = matmul_peak(args.threads, matmul_size, device=args.device, precision=args.precision if args.device == "cuda" else "fp32")
+    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="tunekit-bench-"))
     try:
         sets = build_sets(args.sets, sizes, args.model, work, seed=1234)
@@ -533,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "threads": args.threads, "reps": reps, "load_before": load_before, "load_after": _load(),
+        "device": args.device, "precision": args.precision, "matmul_size": matmul_size,
+        **({"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {}),
         "matmul_peak_gflops": peak / 1e9, "versions": versions, "model": str(args.model),
         "ours_options": json.loads(args.ours_options or "{}"), "trl_options": json.loads(args.trl_options or "{}"),
         "sets": summaries, "pipeline": pipeline,

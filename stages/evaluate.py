@@ -8,6 +8,9 @@ Models, side by side: `base`; `dapt` when the fine-tune's parent is a real DAPT 
 exists. Each gets loss and perplexity over trained tokens and the generation metrics named in
 `evaluate.metrics`; with `evaluate.code.enabled`, pass@k on HumanEval, its completions run only in
 tunekit.sandbox. The base is read from the fine-tuned checkpoint's meta.json (its lineage).
+
+Task heads are scored with their task's metrics instead (`run_task`); a multi-task checkpoint per task,
+with results["<model>"]["<task>"], deltas per task and a table per task in the report (`run_multitask`).
 """
 
 from __future__ import annotations
@@ -92,24 +95,41 @@ def table_rows(results: dict[str, dict]) -> tuple[list[str], list[dict]]:
     return ["model", *keys], [{"model": name, **{k: _value(m, k) for k in keys}} for name, m in results.items()]
 
 
-def markdown_report(results: dict[str, dict], rows: dict[str, list[dict]], checkpoints: dict[str, str],
-                    shown: int = 5) -> str:
+def markdown_table(results: dict[str, dict]) -> list[str]:
     columns, table = table_rows(results)
-    lines = ["# Evaluation on the test split", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for row in table:
         cells = [row["model"]] + ["-" if row[k] is None else f"{row[k]:.4g}" for k in columns[1:]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "exact_match, rouge*, squad_* and pass_at_k are 0-1; bleu and chrf are sacrebleu's 0-100; loss is per "
-              "trained token (few_shot: the test answer's tokens after the demonstrations).", "",
-              "checkpoints: " + ", ".join(f"{name} = `{path}`" for name, path in checkpoints.items()), "",
-              "![main metrics per model](metrics.png)", ""]
+    return lines
+
+
+def prediction_lines(rows: dict[str, list[dict]], shown: int = 5, heading: str = "##", about: str = "") -> list[str]:
+    lines = []
     for name, examples in rows.items():
-        lines += [f"## {name}: first {shown} predictions", ""]
+        lines += [f"{heading} {name}{about}: first {shown} predictions", ""]
         for row in examples[:shown]:
             # JSON-quoted so multi-line or fenced model output cannot break the Markdown.
             lines += [f"- reference: {json.dumps(row['reference'], ensure_ascii=False)}",
                       f"  prediction: {json.dumps(row['prediction'], ensure_ascii=False)}"]
         lines.append("")
+    return lines
+
+
+SFT_NOTE = ("exact_match, rouge*, squad_* and pass_at_k are 0-1; bleu and chrf are sacrebleu's 0-100; loss is per "
+            "trained token (few_shot: the test answer's tokens after the demonstrations).")
+TASK_NOTE = ("accuracy, f1_*, roc_auc, entity_*, tag_accuracy and squad_* are 0-1 (squad_* as in SQuAD 2.0, the null "
+             "answer for unanswerable questions); loss is per example (classification), per labelled token (token "
+             "classification) or per window (qa); base is the untrained head on the base model.")
+
+
+def markdown_report(results: dict[str, dict], rows: dict[str, list[dict]], checkpoints: dict[str, str],
+                    shown: int = 5, title: str = "# Evaluation on the test split", note: str = SFT_NOTE) -> str:
+    lines = [title, "", *markdown_table(results)]
+    lines += ["", note, "",
+              "checkpoints: " + ", ".join(f"{name} = `{path}`" for name, path in checkpoints.items()), "",
+              "![main metrics per model](metrics.png)", ""]
+    lines += prediction_lines(rows, shown)
     return "\n".join(lines)
 
 
@@ -249,6 +269,8 @@ def run_task(params: EvaluateParams, model_dir: Path, data_dir: Path, tokenized_
     from tunekit.params import TaskParams
 
     task_params: TaskParams = task_params if task_params is not None else load_section("task")
+    if read_meta(model_dir)["task"]["type"] == "multi_task":
+        return run_multitask(params, model_dir, data_dir, tokenized_dir, out, merged_dir, task_params)
     spec = TaskSpec.from_meta(read_meta(model_dir)["task"])
     tokenizer = load_tokenizer(model_dir)
     rows = list(read_jsonl(tokenized_dir / "test.jsonl"))
@@ -287,8 +309,8 @@ def run_task(params: EvaluateParams, model_dir: Path, data_dir: Path, tokenized_
         columns, table = table_rows(results)
         write_csv(tmp / "report.csv", table, columns)
         metrics_png(tmp / "metrics.png", results)
-        report = markdown_report(results, predictions, checkpoints).replace(
-            "# Evaluation on the test split", f"# Evaluation on the test split: {spec.type} head", 1)
+        report = markdown_report(results, predictions, checkpoints, title=f"# Evaluation on the test split: {spec.type} head",
+                                 note=TASK_NOTE)
         (tmp / "report.md").write_text(report + "".join(f"\n![confusion matrix ({name})](confusion_{name}.png)\n"
                                                         for name in extras if extras[name]), encoding="utf-8")
     numeric = [k for k, v in results["tuned"].items() if isinstance(v, float)]
@@ -296,6 +318,105 @@ def run_task(params: EvaluateParams, model_dir: Path, data_dir: Path, tokenized_
                "task": spec.type, "checkpoints": checkpoints}
     log.info("scored %s (%s head; base = untrained head)", ", ".join(results), spec.type)
     return summary
+
+
+def _task_rows(params: EvaluateParams, spec, rows: list[dict], records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The test rows and records scored: all, or the first evaluate.max_examples records (and their QA windows)."""
+    if params.max_examples:
+        records = records[:params.max_examples]
+        kept = {str(r.get("id")) for r in records}
+        rows = [r for r in rows if str(r.get("example_id", r.get("id"))) in kept] if spec.type == "qa" else rows[:params.max_examples]
+    return rows, records
+
+
+def run_multitask(params: EvaluateParams, model_dir: Path, data_dir: Path, tokenized_dir: Path, out: Path,
+                  merged_dir: Path | None, task_params) -> dict:
+    """run_task for a multi-task checkpoint: base (the shared backbone with untrained heads), tuned and
+    merged scored on each task's test rows with that task's metrics, through a single-task view of the
+    model (tunekit.heads.one_task). Results per model and task (results["tuned"]["<task>"]["accuracy"]),
+    deltas per task, predictions per model with each row's task, and a table per task in report.md / one
+    report.csv with a task column."""
+    from tunekit.heads import load_multitask_model, multitask_specs, one_task, score_task
+    from tunekit.metrics import confusion_matrix_png
+
+    meta = read_meta(model_dir)["task"]
+    specs = multitask_specs(meta)
+    tokenizer = load_tokenizer(model_dir)
+    all_rows, all_records = list(read_jsonl(tokenized_dir / "test.jsonl")), list(read_jsonl(data_dir / "test.jsonl"))
+    train_records = list(read_jsonl(data_dir / "train.jsonl"))
+    data, allow_null = {}, {}
+    for name, spec in specs.items():
+        data[name] = _task_rows(params, spec, [r for r in all_rows if r.get("task") == name],
+                                [r for r in all_records if r.get("task") == name])
+        if not data[name][0]:
+            raise SystemExit(f"{tokenized_dir / 'test.jsonl'} holds no rows of task {name}: raise ingest.test or add data")
+        allow_null[name] = spec.type == "qa" and any(not [a for a in r["answers"]["text"] if a.strip()]
+                                                      for r in train_records + data[name][1] if r.get("task") == name)
+    # n_best / max_answer_length from params.yaml; a task no longer listed there scores with the defaults
+    settings = {name: task_params.subtask(name) if name in task_params.tasks else None for name in specs}
+    log.info("multi-task %s: scoring each task's predictions on its test rows (%s)", ", ".join(specs),
+             ", ".join(f"{name}: {len(rows)}" for name, (rows, _) in data.items()))
+    tuned = load_tuned(model_dir)
+    checkpoints = {"base": str(resolve_checkpoint(tuned.base_dir)), "tuned": str(model_dir)}
+    results: dict[str, dict] = {}
+    predictions: dict[str, list[dict]] = {}
+    matrices: dict[str, dict] = {}
+    with atomic_dir(out) as tmp:
+        def harness(label: str, model) -> None:
+            results[label], predictions[label] = {}, []
+            for name, spec in specs.items():
+                rows, records = data[name]
+                metrics, examples, extra = score_task(one_task(model, name), spec, rows, records, tokenizer.pad_token_id,
+                                                      params.batch_size, label, settings[name], None, allow_null[name])
+                results[label][name] = metrics
+                predictions[label] += [{**example, "task": name} for example in examples]
+                if extra.get("confusion_matrix"):
+                    matrices.setdefault(name, {"labels": list(spec.labels)})[label] = extra["confusion_matrix"]
+                    confusion_matrix_png(tmp / f"confusion_{name}_{label}.png", extra["confusion_matrix"], spec.labels,
+                                         f"confusion matrix ({name}, {label})")
+
+        with tuned.base() as base:
+            harness("base", base)
+        harness("tuned", tuned.model)
+        del tuned
+        if is_merged(merged_dir):
+            checkpoints["merged"] = str(merged_dir)
+            harness("merged", load_multitask_model(merged_dir))
+        elif merged_dir is not None:
+            log.warning("no merged checkpoint at %s (%s): it is not scored", merged_dir, not_merged_reason(merged_dir))
+        for label, examples in predictions.items():
+            write_jsonl(tmp / f"predictions_{label}.jsonl", examples)
+        write_json(tmp / "confusion_matrices.json", matrices)
+        csv_rows, csv_columns = [], ["task"]
+        report = [f"# Evaluation on the test split: multi-task ({', '.join(f'{n} {s.type}' for n, s in specs.items())})", "",
+                  "base = the shared backbone with untrained heads. loss is per example (qa: per window; "
+                  "token_classification: per labelled token).", "",
+                  "checkpoints: " + ", ".join(f"{label} = `{path}`" for label, path in checkpoints.items()), "",
+                  "![main metrics per model and task](metrics.png)", ""]
+        for name, spec in specs.items():
+            per_model = {label: results[label][name] for label in results}
+            columns, table = table_rows(per_model)
+            csv_rows += [{"task": name, **row} for row in table]
+            csv_columns += [c for c in columns if c not in csv_columns]
+            report += [f"## {name} ({spec.type}, weight {meta['weights'].get(name, 1.0):g})", "", *markdown_table(per_model), ""]
+            report += [f"![confusion matrix ({name}, {label})](confusion_{name}_{label}.png)\n"
+                       for label in matrices.get(name, {}) if label != "labels"]
+            report += prediction_lines({label: [p for p in examples if p["task"] == name]
+                                        for label, examples in predictions.items()}, heading="###", about=f" ({name})")
+        write_csv(tmp / "report.csv", csv_rows, csv_columns)
+        metrics_png(tmp / "metrics.png", flat_task_results(results))
+        (tmp / "report.md").write_text("\n".join(report), encoding="utf-8")
+    delta = {name: {k: v - results["base"][name][k] for k, v in results["tuned"][name].items()
+                    if isinstance(v, float) and isinstance(results["base"][name].get(k), float)} for name in specs}
+    log.info("scored %s on tasks %s (base = untrained heads)", ", ".join(results), ", ".join(specs))
+    return {**results, "delta": delta, "task": "multi_task", "tasks": {name: spec.type for name, spec in specs.items()},
+            "checkpoints": checkpoints}
+
+
+def flat_task_results(results: dict[str, dict]) -> dict[str, dict]:
+    """{model: {task: metrics}} -> {model: {"task.metric": value}}: one row per model for the plot and MLflow table."""
+    return {label: {f"{name}.{key}": value for name, metrics in per_task.items() for key, value in metrics.items()}
+            for label, per_task in results.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,14 +439,16 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.metrics, results)
         log_metrics(mlflow, {k: v for k, v in results.items() if k != "checkpoints"})
         mlflow.log_artifacts(str(args.out), artifact_path="evaluate")
-        columns, table = table_rows({name: results[name] for name in MODEL_ORDER if name in results})
+        models = {name: results[name] for name in MODEL_ORDER if name in results}
+        columns, table = table_rows(flat_task_results(models) if results.get("task") == "multi_task" else models)
         mlflow.log_table({c: [float("nan") if row[c] is None else row[c] for row in table] for c in columns},
                          artifact_file="evaluate/table.json")
         log_datasets(mlflow, "ingested", {"test": args.data / "test.jsonl"})
         log_datasets(mlflow, "tokenized", {"test": args.tokenized / "test.jsonl"})
+    shown = flat_task_results(models) if results.get("task") == "multi_task" else results
     for name in MODEL_ORDER:
         if name in results:
-            log.info("%s: %s", name, {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)})
+            log.info("%s: %s", name, {k: round(v, 4) for k, v in shown[name].items() if isinstance(v, float)})
 
 
 if __name__ == "__main__":

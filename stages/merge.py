@@ -15,6 +15,8 @@ What happens depends on the method that wrote --model (its meta.json):
   the check compares with the adapter on that same full-precision base.
 - full, freeze, head: the checkpoint already is standalone weights; it is written through unchanged
   (and checked the same way), so the pipeline's merged output exists for every method.
+- task heads: the trained head(s) are kept and the check compares predictions (per task for multi-task)
+  as well as logits.
 - adapter, prompt_tuning, prefix_tuning, p_tuning: refused, saying why and how to serve them instead
   (a warning, NOT_MERGED.md and a meta.json with `merged: false` in --out, no weights). The stage
   still succeeds, so evaluate and forgetting score the tuned model; they skip the refusal.
@@ -123,12 +125,16 @@ def run(params: MergeParams, model_dir: Path, data_dir: Path, out: Path) -> dict
     return metrics
 
 
-def check_rows(params: MergeParams, data_dir: Path) -> list[dict]:
-    """The held-out rows the merged checkpoint is checked on: test, else validation."""
-    rows = list(read_jsonl(data_dir / "test.jsonl"))[:params.check_examples] or \
-        list(read_jsonl(data_dir / "validation.jsonl"))[:params.check_examples]
+def check_rows(params: MergeParams, data_dir: Path, task: str | None = None) -> list[dict]:
+    """The held-out rows the merged checkpoint is checked on: test, else validation (multi-task: those
+    of `task`)."""
+    def held_out(split: str) -> list[dict]:
+        return [row for row in read_jsonl(data_dir / f"{split}.jsonl")
+                if task is None or row.get("task") == task][:params.check_examples]
+
+    rows = held_out("test") or held_out("validation")
     if not rows:
-        raise SystemExit(f"{data_dir}: no test or validation examples to check the merge on")
+        raise SystemExit(f"{data_dir}: no test or validation examples{f' of task {task}' if task else ''} to check the merge on")
     return rows
 
 
@@ -155,6 +161,8 @@ def merge_task(params: MergeParams, model_dir: Path, data_dir: Path, out: Path, 
     exactly what the adapter model predicts on held-out rows, with logits within merge.atol."""
     from tunekit.heads import TaskSpec, load_task_base, load_task_model, max_logit_difference, predict, predicted_classes
 
+    if meta["task"]["type"] == "multi_task":
+        return merge_multitask(params, model_dir, data_dir, out, meta, method)
     spec = TaskSpec.from_meta(meta["task"])
     base_dir = Path(meta["parent"]["path"])
     tokenizer = load_tokenizer(model_dir)
@@ -189,12 +197,62 @@ def merge_task(params: MergeParams, model_dir: Path, data_dir: Path, out: Path, 
     return metrics
 
 
+def merge_multitask(params: MergeParams, model_dir: Path, data_dir: Path, out: Path, meta: dict, method) -> dict:
+    """A multi-task checkpoint as one standalone MultiTaskModel: the adapter folded into the shared
+    backbone, every trained head kept (full checkpoints are written through). Accepted only when the
+    merged checkpoint, reloaded with tunekit.heads.load_multitask_model, predicts for every task exactly
+    what the adapter model predicts on that task's held-out rows (merge.check_examples per task), with
+    logits within merge.atol."""
+    from tunekit.heads import (load_multitask_model, max_logit_difference, multitask_method, multitask_specs, one_task,
+                               predict, predicted_classes)
+
+    specs = multitask_specs(meta["task"])
+    method = multitask_method(method, specs)
+    base_dir = Path(meta["parent"]["path"])
+    tokenizer = load_tokenizer(model_dir)
+    rows = {name: check_rows(params, data_dir, name) for name in specs}
+    # Always the full-precision base: merging into quantised weights would bake the quantisation in.
+    model = method.checkpoint.load(model_dir, lambda: method.load_base(base_dir))
+
+    def predictions(model, label: str) -> dict[str, list]:
+        return {name: predict(one_task(model, name), rows[name], spec, tokenizer.pad_token_id, params.check_examples,
+                              desc=f"predict ({label}, {name})")[0] for name, spec in specs.items()}
+
+    before = predictions(model, "adapter")
+    merged = method.checkpoint.merge(model)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        after = predictions(load_multitask_model(tmp), "merged")
+        checks = {name: {"max_logit_difference": max_logit_difference(before[name], after[name]),
+                         "predictions_identical": int(predicted_classes(before[name], spec) == predicted_classes(after[name], spec)),
+                         "checked_examples": len(rows[name])} for name, spec in specs.items()}
+        difference = max(check["max_logit_difference"] for check in checks.values())
+        same = all(check["predictions_identical"] for check in checks.values())
+        log.info("multi-task heads: per task, largest |logit| difference adapter vs merged checkpoint and identical "
+                 "predictions: %s (tolerance %.3g)", checks, params.atol)
+        if not (difference <= params.atol and same):
+            bad = sorted(name for name, check in checks.items()
+                         if not (check["max_logit_difference"] <= params.atol and check["predictions_identical"]))
+            raise MergeMismatch(
+                f"merged multi-task model differs from the adapter model on task(s) {bad} ({ {n: checks[n] for n in bad} }, "
+                f"merge.atol={params.atol}): the merged checkpoint was not written. Check that the adapter and base "
+                "match (meta.json lineage).")
+        write_meta(tmp, "merge", params.model_dump(), parent=model_dir,
+                   extra={"base": str(base_dir), "method": method.name, "max_logit_difference": difference,
+                          "task": meta["task"]})
+        metrics = {"merged": 1, "task_head": 1, "max_logit_difference": difference, "predictions_identical": int(same),
+                   "checked_examples": sum(check["checked_examples"] for check in checks.values()), "tasks": checks}
+        write_card(tmp, {"merge": metrics})
+    return metrics
+
+
 def log_task_model(mlflow, model_dir: Path) -> None:
     """Task heads are logged as the checkpoint directory (artifact path `task_model`), not registered:
     mlflow.transformers needs a transformers pipeline, and tunekit's own pooling heads are no pipeline."""
     log.info("task head: mlflow.transformers cannot log it as a pipeline (custom pooling heads are not transformers "
              "classes); logging the merged checkpoint directory as artifacts (task_model/) instead of registering it. "
-             "Load it with tunekit.heads.load_task_model(dir)")
+             "Load it with tunekit.heads.load_task_model(dir) (multi-task: load_multitask_model(dir))")
     mlflow.log_artifacts(str(model_dir), artifact_path="task_model")
 
 

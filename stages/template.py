@@ -9,6 +9,8 @@ metrics and listed, with their source line, in <preview>/dropped.jsonl.
 
 With `task.type` other than sft the stage tokenises the task data instead (tunekit/tasks.py): label
 alignment, QA windows, <out>/labels.json, and a token/label table as the preview.
+With `task.type: multi_task` each row is tokenised by its own task's rules and settings (task.tasks),
+keeps its "task" name, and labels.json holds every task's label set under "tasks".
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def encode_split(records: list[dict], tokenizer, chat_template: str, params: Tem
 def run(params: TemplateParams, model_dir: Path, data_dir: Path, out: Path, preview: Path,
         task: TaskParams | None = None) -> dict:
     tokenizer = load_tokenizer(model_dir)
+    if task is not None and task.type == "multi_task":
+        from tunekit.tasks import tokenize_tasks
+
+        with atomic_dir(out) as tmp_out, atomic_dir(preview) as tmp_preview:
+            return tokenize_tasks(task, params.max_length, tokenizer, data_dir, tmp_out, tmp_preview, params.preview_examples)
     if task is not None and task.type != "sft":
         from tunekit.tasks import tokenize_task
 

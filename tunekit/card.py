@@ -80,22 +80,23 @@ def stable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             if isinstance(value, (int, float)) and not key.endswith(VOLATILE_SUFFIXES)}
 
 
-def training_summary(chain: list[dict[str, Any]]) -> dict[str, Any]:
+def training_summary(chain: list[dict[str, Any]], unit: str = "tokens") -> dict[str, Any]:
     """Steps, trained tokens, final train loss and best validation loss from the nearest history.json
     in the lineage (finetune writes it beside its weights)."""
     for link in chain:
         if link["dir"] is not None and (link["dir"] / HISTORY_FILE).is_file():
-            return _summarise(read_json(link["dir"] / HISTORY_FILE))
+            return _summarise(read_json(link["dir"] / HISTORY_FILE), unit)
     return {}
 
 
-def _summarise(history: dict[str, Any]) -> dict[str, Any]:
+def _summarise(history: dict[str, Any], unit: str = "tokens") -> dict[str, Any]:
+    """`unit`: what history's "tokens" counts, trained tokens (SFT) or the loss units of a task head."""
     train = history.get("train") or []
     evals = history.get("validation") or []
     out: dict[str, Any] = {}
     if train:
-        out.update(steps=train[-1]["step"], trained_tokens=sum(int(p.get("tokens", 0)) for p in train),
-                   final_train_loss=train[-1]["train_loss"])
+        out.update({"steps": train[-1]["step"], f"trained_{unit}": sum(int(p.get("tokens", 0)) for p in train),
+                    "final_train_loss": train[-1]["train_loss"]})
     if evals:
         best = min(evals, key=lambda p: p["val_loss"])
         out.update(best_val_loss=best["val_loss"], best_val_step=best["step"])
@@ -120,8 +121,32 @@ PIPELINE_TAGS = {"sft": "text-generation", "classification": "text-classificatio
                  "token_classification": "token-classification", "qa": "question-answering"}
 
 
-def _how_to_load(chain: list[dict[str, Any]], meta: dict[str, Any], merged: bool, task: str) -> str:
+def _pipeline_tag(task: str, info: dict[str, Any]) -> str:
+    """The hub's pipeline tag; a multi-task model has a head per task and takes the tag of its first task
+    by name (meta.json keeps them sorted), with the tag `multi-task` beside it."""
+    if task == "multi_task":
+        types = [spec["type"] for _, spec in sorted((info.get("tasks") or {}).items())]
+        return PIPELINE_TAGS.get(types[0] if types else "", "feature-extraction")
+    return PIPELINE_TAGS.get(task, "text-generation")
+
+
+def _how_to_load(chain: list[dict[str, Any]], meta: dict[str, Any], merged: bool, task: str,
+                 info: dict[str, Any] | None = None) -> str:
     method = meta.get("method", "")
+    if task == "multi_task":
+        names = list((info or {}).get("tasks") or {})
+        first = names[0] if names else "<task>"
+        if merged or not meta.get("saves_adapter"):
+            how, code = ("Standalone weights: a shared backbone with a head per task",
+                         "from tunekit.heads import load_multitask_model, one_task\n\n"
+                         "model = load_multitask_model(Path(\"<this directory>\"))")
+        else:
+            how, code = ("An adapter on the shared backbone and the trained heads, on the base named in `meta.json`",
+                         "from tunekit.heads import one_task\nfrom tunekit.methods import load_tuned\n\n"
+                         "model = load_tuned(Path(\"<this directory>\")).model")
+        return (f"{how} (multi-task: {', '.join(names)}). tunekit loads it, heads and labels included; "
+                "`one_task(model, name)` is the model of one task, and `model(name, **inputs)` runs its head:"
+                f"\n\n```python\nfrom pathlib import Path\n\n{code}\n{first} = one_task(model, \"{first}\")\n```\n")
     if task != "sft":
         if merged or not meta.get("saves_adapter"):
             how, code = ("Standalone weights with the trained head", "from tunekit.heads import load_task_model\n\n"
@@ -170,13 +195,16 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
     merged = meta.get("stage") == "merge"
     tuned = next((link["meta"] for link in chain if link["meta"].get("stage") == "finetune"), {})
     method = meta.get("method") or tuned.get("method") or "unknown"
-    task = ((meta.get("task") or tuned.get("task") or {}).get("type")) or "sft"
+    info = meta.get("task") or tuned.get("task") or {}
+    task = info.get("type") or "sft"
     base_text, hub_id = _base_description(chain[-1])
     metrics = dict(metrics or {})
 
     front = ["---", "library_name: " + ("transformers" if merged or not meta.get("saves_adapter") else
                                         "peft" if method in PEFT_METHODS else "tunekit"),
-             f"pipeline_tag: {PIPELINE_TAGS.get(task, 'text-generation')}", "tags:", "- tunekit", f"- {method}"]
+             f"pipeline_tag: {_pipeline_tag(task, info)}", "tags:", "- tunekit", f"- {method}"]
+    if task == "multi_task":
+        front.append("- multi-task")
     if hub_id:
         front.append(f"base_model: {hub_id}")
     front.append("---")
@@ -201,7 +229,7 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
     out += ["## Data", "", "Content hashes (sha256, first 16 hex digits) of the data each checkpoint in the lineage was "
             "trained on; the same digests are the MLflow dataset digests and `data.*` run tags.", "", _table(data)]
 
-    training = {**training_summary(chain), **stable_metrics(metrics.pop("finetune", {}))}
+    training = {**training_summary(chain, "tokens" if task == "sft" else "loss_units"), **stable_metrics(metrics.pop("finetune", {}))}
     out += ["## Training", "", _table(training)]
     merge_metrics = metrics.pop("merge", {})
     if merged or merge_metrics:
@@ -233,7 +261,7 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
 
     out += ["## Lineage", "", "| stage | path | hash |", "|---|---|---|"]
     out += [f"| {link['stage']} | `{link['path']}` | `{str(link['hash'] or '')[:16]}` |" for link in chain]
-    out += ["", "## How to load", "", _how_to_load(chain, meta, merged, task)]
+    out += ["", "## How to load", "", _how_to_load(chain, meta, merged, task, info)]
     versions = meta.get("versions") or {}
     if versions:
         out += ["## Library versions", "", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())), ""]

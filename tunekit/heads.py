@@ -20,8 +20,12 @@ One place decides, for `task.type` != sft:
 - how a model is scored (`score_task`): accuracy / macro and micro F1 / ROC AUC / confusion matrix,
   seqeval entity P/R/F1 on word-level tags, SQuAD EM/F1 with n-best post-processing and the null answer.
 
-Multi-task (`task.tasks`): `MultiTaskModel`, one shared backbone with a head per task, trained on
-batches each drawn from one task with probability proportional to its weight (`MultiTaskObjective`).
+Multi-task (`task.type: multi_task`, `task.tasks`): `MultiTaskModel`, one shared backbone with a head
+per task, trained on batches each drawn from one task with probability proportional to its weight
+(`MultiTaskObjective`); `multitask_method` re-targets full / freeze / head / lora / dora / ia3 at it (the
+heads in PEFT's modules_to_save) and refuses the rest; meta.json's "task" is `multitask_meta`;
+`load_multitask_model(dir)` (or `load_task_model(dir)`) reads a full or merged checkpoint back and
+`one_task(model, name)` is one task's model for `predict` / `score_task`.
 """
 
 from __future__ import annotations
@@ -368,6 +372,8 @@ def _load_task_model(model_dir: Path, spec: TaskSpec | None) -> torch.nn.Module:
     path = Path(resolve_checkpoint(model_dir))
     if (path / HEAD_CONFIG).is_file():
         head = json.loads((path / HEAD_CONFIG).read_text(encoding="utf-8"))
+        if head.get("type") == "multi_task":
+            return load_multitask_model(path, device="cpu")
         backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
         model = PooledClassifier(backbone, head["num_labels"], head["pooling"], head.get("dropout", 0.0))
         weights = load_file(path / HEAD_WEIGHTS)
@@ -812,19 +818,26 @@ class MultiTaskModel(torch.nn.Module):
         (out / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def load_multitask_base(model_dir: Path, specs: dict[str, TaskSpec]) -> MultiTaskModel:
+def load_multitask_base(model_dir: Path, specs: dict[str, TaskSpec],
+                        device: torch.device | str | None = None) -> MultiTaskModel:
+    """The base checkpoint as the shared backbone with a new, untrained head per task (initialised from a
+    fixed seed, so finetune, evaluate and merge build the same ones), on `device` (default: `compute_device()`)."""
     from transformers import AutoModel
 
-    from tunekit.models import resolve_checkpoint
+    from tunekit.models import compute_device, resolve_checkpoint
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_INIT_SEED)
         backbone = AutoModel.from_pretrained(str(resolve_checkpoint(model_dir)), dtype=torch.float32, use_safetensors=True)
-        return MultiTaskModel(backbone, specs)
+        return MultiTaskModel(backbone, specs).to(device or compute_device())
 
 
-def load_multitask_model(model_dir: Path) -> MultiTaskModel:
+def load_multitask_model(model_dir: Path, device: torch.device | str | None = None) -> MultiTaskModel:
+    """A saved multi-task checkpoint (finetune's full weights or a merged one): backbone, every head and
+    the task specs from task_head.json, on `device` (default: `compute_device()`)."""
     from transformers import AutoModel
+
+    from tunekit.models import compute_device
 
     path = Path(model_dir)
     config = json.loads((path / HEAD_CONFIG).read_text(encoding="utf-8"))
@@ -833,7 +846,7 @@ def load_multitask_model(model_dir: Path) -> MultiTaskModel:
     specs = {name: TaskSpec.from_meta(meta) for name, meta in config["tasks"].items()}
     model = MultiTaskModel(AutoModel.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True), specs)
     model.heads.load_state_dict(load_file(path / HEAD_WEIGHTS))
-    return model
+    return model.to(device or compute_device())
 
 
 class _OneTask(torch.nn.Module):
@@ -866,18 +879,25 @@ class MultiTaskObjective:
         self.specs, self.weights, self.row_tasks = specs, weights, list(row_tasks)
 
     def collate(self, rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-        tasks = {row["task"] for row in rows}
-        if len(tasks) != 1:
-            raise TaskError(f"a multi-task micro-batch mixes tasks {sorted(tasks)}; batches must come from epoch_batches")
-        task = tasks.pop()
-        batch = collate_task(rows, pad_id, self.specs[task].type)
-        batch["task"] = task
+        """Rows of one task -> that task's batch (training batches always are: `epoch_batches`). Rows of
+        several tasks (the validation loss takes rows in length order) -> {"parts": a batch per task},
+        which `count` and `loss_sum` add up."""
+        tasks = sorted({row["task"] for row in rows})
+        if len(tasks) > 1:
+            return {"parts": [self.collate([row for row in rows if row["task"] == task], pad_id) for task in tasks]}
+        batch = collate_task(rows, pad_id, self.specs[tasks[0]].type)
+        batch["task"] = tasks[0]
         return batch
 
     def count(self, batch: dict[str, Any]) -> int:
+        if "parts" in batch:
+            return sum(self.count(part) for part in batch["parts"])
         return TaskObjective(self.specs[batch["task"]]).count(batch)
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        if "parts" in batch:
+            losses = [self.loss_sum(model, part) for part in batch["parts"]]
+            return sum(loss for loss, _ in losses), sum(n for _, n in losses)
         device = next(model.parameters()).device
         outputs = model(batch["task"], **{k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS})
         return loss_from_outputs(outputs, batch, self.specs[batch["task"]])
@@ -901,3 +921,75 @@ class MultiTaskObjective:
                 refill(task)
             batches.append(queues[task].pop(0))
         return batches
+
+
+# ---------------------------------------------------------------- multi-task: methods and meta.json
+
+# What a multi-task model can be trained with: full checkpoints (MultiTaskModel.save_pretrained) and
+# PEFT adapters on the backbone with every head in modules_to_save (trained in full, saved with the adapter).
+MULTITASK_METHODS = ("full", "freeze", "head", "lora", "dora", "ia3")
+
+
+def multitask_meta(specs: dict[str, TaskSpec], weights: dict[str, float]) -> dict[str, Any]:
+    """meta.json "task" of a multi-task checkpoint: every task's spec and its sampling weight."""
+    return {"type": "multi_task", "tasks": {name: spec.to_meta() for name, spec in specs.items()},
+            "weights": {name: float(weights[name]) for name in specs}}
+
+
+def multitask_specs(meta: dict[str, Any]) -> dict[str, TaskSpec]:
+    return {name: TaskSpec.from_meta(task) for name, task in meta["tasks"].items()}
+
+
+def _multitask_peft(name: str):
+    def prepare(model: torch.nn.Module, params) -> torch.nn.Module:
+        from peft import IA3Config, LoraConfig, get_peft_model
+
+        from tunekit.methods import MethodError
+
+        keep = [f"heads.{task}" for task in model.specs]  # each head trains in full and is saved with the adapter
+        if name == "ia3":
+            config = IA3Config(target_modules=params.ia3.target_modules, feedforward_modules=params.ia3.feedforward_modules,
+                               modules_to_save=keep)
+        else:
+            config = LoraConfig(r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+                                target_modules=lora_targets(model, params.lora.target_modules), use_dora=name == "dora",
+                                modules_to_save=keep)
+        try:
+            # No PEFT task type: the plain PeftModel passes the task name through to MultiTaskModel.forward.
+            return get_peft_model(model, config)
+        except ValueError as exc:
+            raise MethodError(f"method {name} cannot be applied to the multi-task backbone: {exc}. Module names differ "
+                              "between architectures (BERT: query, key, value, dense): set finetune.<method>.target_modules "
+                              "for this model") from exc
+    return prepare
+
+
+def multitask_method(method, specs: dict[str, TaskSpec]):
+    """The registry entry re-targeted at a MultiTaskModel: its base loader builds the shared backbone with
+    a new head per task, full checkpoints load through `load_multitask_model`, and lora / dora / ia3 adapt
+    the backbone with every head in modules_to_save. Other methods are refused, saying what to use."""
+    from tunekit.methods import FULL_WEIGHTS, MethodError
+
+    if method.name not in MULTITASK_METHODS:
+        why = {"qlora": "the shared backbone is not loaded in 4-bit", "adapter": "bottleneck adapters are built for "
+               "Llama-style decoder blocks and save no head"}.get(method.name, "virtual tokens or other PEFT types need "
+                                                                              "a PEFT task model around the forward")
+        raise MethodError(f"method {method.name} does not apply to multi-task training (task.type multi_task): {why}; "
+                          f"use one of {', '.join(MULTITASK_METHODS)} (lora for an adapter, head for linear probing)")
+
+    def load_base(path: Path, device: torch.device | str | None = None) -> torch.nn.Module:
+        return load_multitask_base(path, specs, device=device)
+
+    checkpoint = method.checkpoint
+    if checkpoint is FULL_WEIGHTS:
+        checkpoint = dataclasses.replace(checkpoint, load=lambda tuned_dir, base: load_multitask_model(tuned_dir))
+        return dataclasses.replace(method, load_base=load_base, checkpoint=checkpoint)
+    return dataclasses.replace(method, load_base=load_base, prepare=_multitask_peft(method.name))
+
+
+def task_method_for(method, task_meta: dict[str, Any]):
+    """The registry entry re-targeted at the task checkpoint meta.json's "task" describes: one head
+    (`task_method`) or several on a shared backbone (`multitask_method`)."""
+    if task_meta.get("type") == "multi_task":
+        return multitask_method(method, multitask_specs(task_meta))
+    return task_method(method, TaskSpec.from_meta(task_meta))

@@ -12,6 +12,10 @@ become TaskRecords: classification (`text` or `text_a`/`text_b`, `label` or a li
 token_classification (`tokens`/`tags` in BIO/IOB2, or CoNLL two-column text files where each sentence
 is one record, reported at its first line) and squad (`context`, `question`, `answers` whose every
 `answer_start` is checked against the context). A task accepts only its own formats.
+
+Multi-task (`task.type: multi_task`): `ingest_tasks()` reads each task of `task.tasks` from its own
+inputs with that task's formats and writes them into one set of split files, every row carrying its
+task's name (`"task": <name>`, id `<name>-<hash>`); metrics per task and in total.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,18 +192,76 @@ def ingest(inputs: str | Path, out_dir: Path, fmt: str = "auto", max_chars: int 
     """
     _check_read_args(fmt, max_chars, task)
     _check_fractions(validation, test)
+    _check_reject_rate(max_reject_rate)
+    files = input_files(inputs, suffixes_for(task, fmt))
+    _check_no_overlap(Path(inputs), Path(out_dir))
+
+    def write(tmp: Path) -> dict:
+        tally = _Tally()
+        with _split_files(tmp) as outputs:
+            for path in files:
+                _read_into(outputs, tally, path, fmt, max_chars, task, validation, test)
+        tally.check(max_reject_rate, f"{len(files)} file(s)")
+        return {**tally.metrics(), "files": len(files)}
+
+    return _replace_dir(Path(out_dir), write)
+
+
+def ingest_tasks(tasks: dict[str, tuple[str, str | Path]], out_dir: Path, max_chars: int = 16000,
+                 max_reject_rate: float = 0.05, validation: float = 0.1, test: float = 0.1) -> dict:
+    """Multi-task ingest (task.type multi_task): `tasks` maps each task name to (task type, inputs).
+
+    Each task's inputs are read exactly as a single task's (its own formats, the same rejects, CoNLL
+    for token_classification from .conll files, or .txt ones) and split by the same content hash; all
+    rows go to one set of split files, each with `"task": <name>` and its id prefixed `<name>-`, so ids
+    stay unique when two tasks hold the same content. Duplicates are counted within a task. The stage
+    fails when any one task rejects more than max_reject_rate of its lines or accepts none, so a small
+    task's bad file is not hidden by a big clean one. Metrics: totals, and the same per task under "tasks"."""
+    _check_fractions(validation, test)
+    _check_reject_rate(max_reject_rate)
+    sources: dict[str, tuple[str, str, list[Path]]] = {}
+    for name, (kind, inputs) in tasks.items():
+        fmt = "conll" if kind == "token_classification" and Path(inputs).is_file() and str(inputs).endswith(".txt") else "auto"
+        _check_read_args(fmt, max_chars, kind)
+        try:
+            files = input_files(inputs, suffixes_for(kind, fmt))
+        except IngestError as exc:
+            raise IngestError(f"task.tasks.{name}.inputs: {exc}".replace("ingest.inputs", f"task.tasks.{name}.inputs")) from None
+        _check_no_overlap(Path(inputs), Path(out_dir))
+        sources[name] = (kind, fmt, files)
+
+    def write(tmp: Path) -> dict:
+        tallies = {name: _Tally() for name in sources}
+        with _split_files(tmp) as outputs:
+            for name, (kind, fmt, files) in sources.items():
+                for path in files:
+                    _read_into(outputs, tallies[name], path, fmt, max_chars, kind, validation, test, name)
+        for name, tally in tallies.items():
+            tally.check(max_reject_rate, f"the {len(sources[name][2])} file(s) of task.tasks.{name}", f"task {name}: ")
+        per_task = {name: {**tally.metrics(), "type": sources[name][0], "files": len(sources[name][2])}
+                    for name, tally in tallies.items()}
+        total = _Tally()
+        for tally in tallies.values():
+            total.add(tally)
+        return {**total.metrics(), "files": sum(len(files) for _, _, files in sources.values()), "tasks": per_task}
+
+    return _replace_dir(Path(out_dir), write)
+
+
+def _check_reject_rate(max_reject_rate: float) -> None:
     if not 0 <= max_reject_rate <= 1:
         raise IngestError(f"ingest.max_reject_rate is {max_reject_rate}; use a fraction in [0, 1], e.g. 0.05")
-    files = input_files(inputs, suffixes_for(task, fmt))
-    out_dir = Path(out_dir)
-    _check_no_overlap(Path(inputs), out_dir)
 
+
+def _replace_dir(out_dir: Path, write) -> dict:
+    """Run `write(tmp)` in a temporary sibling of out_dir, then put it in out_dir's place; on any error
+    the temporary is removed and an existing out_dir stays as it was."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run that happened to have our pid
     tmp.mkdir()
     try:
-        metrics = _write_outputs(files, tmp, fmt, max_chars, max_reject_rate, validation, test, task)
+        metrics = write(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -209,73 +271,95 @@ def ingest(inputs: str | Path, out_dir: Path, fmt: str = "auto", max_chars: int 
     return metrics
 
 
-def _write_outputs(files: list[Path], tmp: Path, fmt: str, max_chars: int, max_reject_rate: float,
-                   validation: float, test: float, task: str = "sft") -> dict:
-    lines_read = blank_lines = duplicates = 0
-    by_reason: Counter[str] = Counter()
-    per_split: Counter[str] = Counter()
-    first_rejects: list[Reject] = []
-    # Only digests are kept, so memory grows by ~100 bytes per unique record, not by its text.
-    seen: set[bytes] = set()
+@contextmanager
+def _split_files(tmp: Path) -> Iterator[dict[str, Any]]:
     with ExitStack() as stack:
-        outputs = {name: stack.enter_context(open(tmp / f"{name}.jsonl", "w", encoding="utf-8"))
-                   for name in (*SPLITS, "rejects")}
-        for path in files:
-            for item, digest in tqdm(_read_any(path, fmt, max_chars, task), desc=str(path), unit=" lines",
-                                     disable=None, file=sys.stderr):
-                if item is None:
-                    blank_lines += 1
-                    continue
-                lines_read += 1
-                if isinstance(item, Reject):
-                    by_reason[item.reason] += 1
-                    if len(first_rejects) < _SUMMARY_REJECTS:
-                        first_rejects.append(item)
-                    row: dict[str, Any] = {"file": item.file, "line": item.line, "reason": item.reason,
-                                           "detail": item.detail}
-                    outputs["rejects"].write(json.dumps(row, ensure_ascii=False) + "\n")
-                    continue
-                if digest in seen:
-                    duplicates += 1
-                    continue
-                seen.add(digest)
-                split = split_of(item.id, validation, test)
-                per_split[split] += 1
-                if isinstance(item, TaskRecord):
-                    row = {"id": item.id, "source": f"{item.file}:{item.line}", "task": item.task, **item.fields}
-                else:
-                    row = {"id": item.id, "messages": item.messages, "source": f"{item.file}:{item.line}"}
-                outputs[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+        yield {name: stack.enter_context(open(tmp / f"{name}.jsonl", "w", encoding="utf-8"))
+               for name in (*SPLITS, "rejects")}
 
-    rejected = sum(by_reason.values())
-    accepted = sum(per_split.values())
-    reject_rate = rejected / lines_read if lines_read else 0.0
-    if reject_rate > max_reject_rate:
-        raise IngestError(_summary(
-            f"ingest rejected {rejected} of {lines_read} lines read ({reject_rate:.2%}), above "
-            f"ingest.max_reject_rate = {max_reject_rate} ({max_reject_rate:.2%}).",
-            by_reason, first_rejects,
-            "fix: correct or remove the rejected lines in the input files and re-run, or, if these rejects are "
-            "expected, raise ingest.max_reject_rate in params.yaml.",
-        ))
-    if accepted == 0:
-        raise IngestError(_summary(
-            f"ingest accepted no records from {len(files)} file(s): {lines_read} lines read, {blank_lines} blank, "
-            f"{rejected} rejected.",
-            by_reason, first_rejects,
-            "fix: point ingest.inputs in params.yaml at files that contain data lines, or fix the rejected lines.",
-        ))
-    return {
-        "lines_read": lines_read,
-        "blank_lines": blank_lines,
-        "accepted": accepted,
-        "rejected": rejected,
-        "rejected_by_reason": dict(sorted(by_reason.items())),
-        "duplicates": duplicates,
-        "reject_rate": reject_rate,
-        **{name: per_split[name] for name in SPLITS},
-        "files": len(files),
-    }
+
+@dataclass
+class _Tally:
+    """What happened to the lines of one ingest (or of one task of a multi-task ingest)."""
+    lines_read: int = 0
+    blank_lines: int = 0
+    duplicates: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+    per_split: Counter = field(default_factory=Counter)
+    first_rejects: list = field(default_factory=list)
+    # Only digests are kept, so memory grows by ~100 bytes per unique record, not by its text.
+    seen: set = field(default_factory=set)
+
+    def add(self, other: _Tally) -> None:
+        self.lines_read += other.lines_read
+        self.blank_lines += other.blank_lines
+        self.duplicates += other.duplicates
+        self.by_reason.update(other.by_reason)
+        self.per_split.update(other.per_split)
+
+    def metrics(self) -> dict:
+        rejected = sum(self.by_reason.values())
+        return {
+            "lines_read": self.lines_read,
+            "blank_lines": self.blank_lines,
+            "accepted": sum(self.per_split.values()),
+            "rejected": rejected,
+            "rejected_by_reason": dict(sorted(self.by_reason.items())),
+            "duplicates": self.duplicates,
+            "reject_rate": rejected / self.lines_read if self.lines_read else 0.0,
+            **{name: self.per_split[name] for name in SPLITS},
+        }
+
+    def check(self, max_reject_rate: float, inputs: str, prefix: str = "") -> None:
+        """Raise IngestError when too many lines were rejected or none was accepted."""
+        m = self.metrics()
+        if m["reject_rate"] > max_reject_rate:
+            raise IngestError(_summary(
+                f"{prefix}ingest rejected {m['rejected']} of {m['lines_read']} lines read ({m['reject_rate']:.2%}), above "
+                f"ingest.max_reject_rate = {max_reject_rate} ({max_reject_rate:.2%}).",
+                self.by_reason, self.first_rejects,
+                "fix: correct or remove the rejected lines in the input files and re-run, or, if these rejects are "
+                "expected, raise ingest.max_reject_rate in params.yaml.",
+            ))
+        if m["accepted"] == 0:
+            raise IngestError(_summary(
+                f"{prefix}ingest accepted no records from {inputs}: {m['lines_read']} lines read, {m['blank_lines']} blank, "
+                f"{m['rejected']} rejected.",
+                self.by_reason, self.first_rejects,
+                "fix: point ingest.inputs in params.yaml at files that contain data lines, or fix the rejected lines.",
+            ))
+
+
+def _read_into(outputs: dict[str, Any], tally: _Tally, path: Path, fmt: str, max_chars: int, task: str,
+               validation: float, test: float, name: str | None = None) -> None:
+    """Read one input file: every record to its split file, every reject to rejects.jsonl, all counted in
+    `tally`. `name` (multi-task): the task's name, written as each row's "task" and prefixed to its id."""
+    for item, digest in tqdm(_read_any(path, fmt, max_chars, task), desc=str(path), unit=" lines",
+                             disable=None, file=sys.stderr):
+        if item is None:
+            tally.blank_lines += 1
+            continue
+        tally.lines_read += 1
+        if isinstance(item, Reject):
+            tally.by_reason[item.reason] += 1
+            if len(tally.first_rejects) < _SUMMARY_REJECTS:
+                tally.first_rejects.append(item)
+            row: dict[str, Any] = {"file": item.file, "line": item.line, "reason": item.reason, "detail": item.detail,
+                                   **({"task": name} if name else {})}
+            outputs["rejects"].write(json.dumps(row, ensure_ascii=False) + "\n")
+            continue
+        if digest in tally.seen:
+            tally.duplicates += 1
+            continue
+        tally.seen.add(digest)
+        split = split_of(item.id, validation, test)
+        tally.per_split[split] += 1
+        if isinstance(item, TaskRecord):
+            row = {"id": f"{name}-{item.id}" if name else item.id, "source": f"{item.file}:{item.line}",
+                   "task": name or item.task, **item.fields}
+        else:
+            row = {"id": item.id, "messages": item.messages, "source": f"{item.file}:{item.line}"}
+        outputs[split].write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _summary(headline: str, by_reason: Counter[str], first_rejects: list[Reject], fix: str) -> str:

@@ -459,9 +459,9 @@ def load_tuned(model_dir: Path) -> Tuned:
         raise SystemExit(f"{model_dir}/meta.json is missing or names no parent checkpoint; re-run the finetune stage")
     base_dir = Path(meta["parent"]["path"])
     method = method_of_checkpoint(meta)
-    if (meta.get("task") or {}).get("type", "sft") != "sft":  # a task head: loaders from tunekit.heads
-        from tunekit.heads import TaskSpec, task_method
+    if (meta.get("task") or {}).get("type", "sft") != "sft":  # task head(s): loaders from tunekit.heads
+        from tunekit.heads import task_method_for
 
-        method = task_method(method, TaskSpec.from_meta(meta["task"]))
+        method = task_method_for(method, meta["task"])
     model = method.checkpoint.load(model_dir, lambda: method.load_base(base_dir))
     return Tuned(model, base_dir, method)

@@ -7,10 +7,11 @@ with the key, the value given, and what would be valid.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -62,17 +63,96 @@ class TemplateParams(Section):
     preview_examples: int = Field(8, ge=0)
 
 
+def _check_labels(labels: list[str] | None) -> list[str] | None:
+    if labels is not None:
+        if not labels:
+            raise ValueError("labels is an empty list; give the label set or null to read it from the train split")
+        dupes = sorted({label for label in labels if labels.count(label) > 1})
+        if dupes:
+            raise ValueError(f"labels lists {dupes} more than once")
+    return labels
+
+
+# The per-task settings of task.* and the task types each one applies to. In a multi-task run every
+# sub-task may set its own; unset ones take the task.* value (labels excepted: see TaskParams.subtask).
+TASK_SETTINGS: dict[str, tuple[str, ...]] = {
+    "labels": ("classification", "token_classification"),
+    "pooling": ("classification",),
+    "class_weights": ("classification", "token_classification"),
+    "label_all_subwords": ("token_classification",),
+    "doc_stride": ("qa",),
+    "n_best": ("qa",),
+    "max_answer_length": ("qa",),
+}
+
+
+def _task_name(name: str) -> str:
+    """Task names become module names (heads.<name>), id prefixes and report sections: identifiers only."""
+    import torch  # only when a multi-task run is configured
+
+    if not name.isidentifier():
+        fixed = "".join(c if c.isalnum() else "_" for c in name)
+        raise ValueError(f"task name {name!r} is not a valid identifier: use letters, digits and _ and do not "
+                         f"start with a digit, e.g. {fixed if fixed.isidentifier() else 'task_' + fixed!r}")
+    if hasattr(torch.nn.ModuleDict(), name):
+        raise ValueError(f"task name {name!r} is the name of a torch module attribute and cannot name a head; "
+                         f"rename the task, e.g. {name + '_task'!r}")
+    return name
+
+
 class SubTaskParams(Section):
-    """One task of a multi-task run (semantics: tunekit/heads.py)."""
-    model_config = ConfigDict(extra="allow", frozen=True)
-    type: Literal["classification", "token_classification", "qa"]
-    inputs: str | None = None
+    """One task of a multi-task run (`task.type: multi_task`; semantics: tunekit/heads.py MultiTaskModel).
+    `inputs` is its own data (a JSONL file or directory in the task's format; CoNLL .conll, or .txt, for
+    token_classification), `weight` its share of the training batches; the other keys override the
+    task.* value for this task and are refused on a task type they do not apply to."""
+    # validate_default: a missing type or inputs is reported with what to write, not as "Field required".
+    type: Literal["classification", "token_classification", "qa"] | None = Field(None, validate_default=True)
+    inputs: str | None = Field(None, validate_default=True)
     weight: float = Field(1.0, gt=0)
+    labels: list[str] | None = None
+    pooling: Literal["cls", "mean", "last", "auto"] | None = None
+    class_weights: Literal["balanced"] | dict[str, float] | None = None
+    label_all_subwords: bool | None = None
+    doc_stride: int | None = Field(None, gt=0)
+    n_best: int | None = Field(None, gt=0)
+    max_answer_length: int | None = Field(None, gt=0)
+
+    @field_validator("type")
+    @classmethod
+    def _type_given(cls, kind: str | None) -> str:
+        if kind is None:
+            raise ValueError("every task needs a type: classification, token_classification or qa")
+        return kind
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_given(cls, inputs: str | None, info: ValidationInfo) -> str:
+        if not inputs:
+            kind = info.data.get("type")
+            files = "a CoNLL (.conll) or JSONL file" if kind == "token_classification" else "a JSONL file"
+            raise ValueError(f"every task needs inputs: {files} (or a directory of them) with its "
+                             f"{kind or 'task'} data, e.g. inputs: data/demo_tasks/<file>")
+        return inputs
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: list[str] | None) -> list[str] | None:
+        return _check_labels(labels)
+
+    @field_validator(*TASK_SETTINGS)
+    @classmethod
+    def _setting_applies(cls, value: Any, info: ValidationInfo) -> Any:
+        kind, applies = info.data.get("type"), TASK_SETTINGS[info.field_name]
+        if value is not None and kind is not None and kind not in applies:
+            raise ValueError(f"{info.field_name} applies to {' and '.join(applies)} tasks, not to this {kind} task; "
+                             "remove it")
+        return value
 
 
 class TaskParams(Section):
-    """What is trained: generative SFT (the chat pipeline) or a head-based task (issue 6)."""
-    type: Literal["sft", "classification", "token_classification", "qa"] = "sft"
+    """What is trained: generative SFT (the chat pipeline), a head-based task (issue 6), or several head
+    tasks on one shared encoder (`type: multi_task` with `tasks`)."""
+    type: Literal["sft", "classification", "token_classification", "qa", "multi_task"] = "sft"
     labels: list[str] | None = None  # fixed label list (classification labels / NER tags); None = sorted train labels
     pooling: Literal["cls", "mean", "last", "auto"] = "auto"
     class_weights: Literal["balanced"] | dict[str, float] | None = None
@@ -80,18 +160,43 @@ class TaskParams(Section):
     doc_stride: int = Field(128, gt=0)
     n_best: int = Field(20, gt=0)
     max_answer_length: int = Field(30, gt=0)
-    tasks: dict[str, SubTaskParams] = {}
+    # validate_default: `type: multi_task` without tasks is reported.
+    tasks: dict[Annotated[str, AfterValidator(_task_name)], SubTaskParams] = Field({}, validate_default=True)
 
     @field_validator("labels")
     @classmethod
     def _labels_unique(cls, labels: list[str] | None) -> list[str] | None:
-        if labels is not None:
-            if not labels:
-                raise ValueError("labels is an empty list; give the label set or null to read it from the train split")
-            dupes = sorted({label for label in labels if labels.count(label) > 1})
-            if dupes:
-                raise ValueError(f"labels lists {dupes} more than once")
-        return labels
+        return _check_labels(labels)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_only_for_multi_task(cls, tasks: dict[str, SubTaskParams], info: ValidationInfo) -> dict[str, SubTaskParams]:
+        kind = info.data.get("type")
+        if tasks and kind not in (None, "multi_task"):
+            raise ValueError(f"{len(tasks)} task(s) {sorted(tasks)} are defined but task.type is {kind}; set "
+                             "task.type: multi_task to train them together on one encoder, or task.tasks: {} to "
+                             f"train {kind} alone")
+        if kind == "multi_task":
+            if not tasks:
+                raise ValueError("task.type multi_task needs its tasks: task.tasks: {<name>: {type: classification | "
+                                 "token_classification | qa, inputs: <file>, weight: 1.0}, ...}")
+            if info.data.get("labels") is not None:
+                raise ValueError(f"task.labels {info.data['labels']} would apply to every task; with task.type "
+                                 "multi_task set labels per task (task.tasks.<name>.labels) and task.labels: null")
+            if isinstance(info.data.get("class_weights"), dict):
+                raise ValueError("task.class_weights names labels of one task; with task.type multi_task set them per "
+                                 "task (task.tasks.<name>.class_weights) and keep task.class_weights null or balanced")
+        return tasks
+
+    def subtask(self, name: str) -> "TaskParams":
+        """One task of a multi-task run as the single-task params the task code takes: its own settings,
+        else task.*'s (labels: its own or the train split's; class_weights never on a qa task)."""
+        sub = self.tasks[name]
+        fields = {key: getattr(self, key) if getattr(sub, key) is None else getattr(sub, key)
+                  for key in TASK_SETTINGS if key != "labels"}
+        if sub.type == "qa":
+            fields["class_weights"] = None
+        return TaskParams(type=sub.type, labels=sub.labels, **fields)
 
 
 class LoraParams(Section):
@@ -390,9 +495,11 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
 
 
 def _describe(error: dict[str, Any], section: str, path: Path) -> str:
-    key = ".".join(str(part) for part in (section, *error["loc"]))
+    key = ".".join(str(part) for part in (section, *error["loc"]) if part != "[key]")  # [key]: a dict key's own error
     if error["type"] == "extra_forbidden":
         return f"{path}: {key}: unknown key (value {error['input']!r}); check the spelling against the documented keys"
+    if error["type"] != "missing" and isinstance(error["input"], dict):  # a whole (sub-)section: its repr would bury the message
+        return f"{path}: {key}: {error['msg']}"
     value = "missing" if error["type"] == "missing" else f"value {error['input']!r}"
     return f"{path}: {key}: {value}: {error['msg']}"
 

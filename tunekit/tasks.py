@@ -46,6 +46,7 @@ IGNORE_INDEX = -100
 TASK_TYPES = ("classification", "token_classification", "qa")
 SPLITS = ("train", "validation", "test")
 LABELS_FILE = "labels.json"
+FILE_LINE = "_line"  # multi-task: a row's line in its split file, kept while its task's rows are checked apart
 _BATCH = 256  # examples per tokenizer call
 
 
@@ -90,6 +91,7 @@ def build_label_set(train_rows: Sequence[dict], task: str, fixed: list[str] | No
     multi = task == "classification" and any(isinstance(row["label"], list) for row in train_rows)
     seen: set[str] = set()
     for line, row in enumerate(train_rows, start=1):
+        line = row.get(FILE_LINE, line)
         if task == "classification" and multi and not isinstance(row["label"], list):
             raise TaskDataError(
                 f"{train_file}:{line} (from {row.get('source')}): label is {json.dumps(row['label'])} (one string) but "
@@ -114,6 +116,7 @@ def check_labels(rows: Sequence[dict], task: str, labels: list[str], multi: bool
     """Every label of `rows` must be in the label set; the error names the file, line and label."""
     known = set(labels)
     for line, row in enumerate(rows, start=1):
+        line = row.get(FILE_LINE, line)
         if task == "classification" and isinstance(row["label"], list) != multi:
             kind = "a list (multi-label)" if isinstance(row["label"], list) else "one string (single-label)"
             raise TaskDataError(f"{file}:{line} (from {row.get('source')}): label is {kind} but the train split is "
@@ -408,9 +411,75 @@ def tokenize_task(task: str, task_params: Any, max_length: int, tokenizer: Any, 
     data = {split: list(read_jsonl(Path(data_dir) / f"{split}.jsonl")) for split in SPLITS}
     for split in SPLITS:
         _check_rows(data[split], task, Path(data_dir) / f"{split}.jsonl")
+    out, info, metrics = _tokenize_splits(task, task_params, max_length, tokenizer, data, Path(data_dir))
+    for split in SPLITS:
+        write_jsonl(Path(out_dir) / f"{split}.jsonl", out[split])
+    write_json(Path(out_dir) / LABELS_FILE, info)
+    (Path(preview_dir) / "mask_preview.html").write_text(
+        preview_html(task, out["train"][:preview_examples], tokenizer, info["labels"], preview_examples), encoding="utf-8")
+    return metrics
+
+
+def tokenize_tasks(task_params: Any, max_length: int, tokenizer: Any, data_dir: Path, out_dir: Path,
+                   preview_dir: Path, preview_examples: int = 8) -> dict:
+    """Multi-task (`task.type: multi_task`): the rows of each task of `task_params.tasks` (ingested with
+    `"task": <name>`) tokenised and aligned by that task's own rules and settings (`task_params.subtask`),
+    each output row keeping its `"task"`; one set of split files, labels.json with every task's label set
+    under "tasks" ({"task": "multi_task", "tasks": {name: {"task": type, "labels", ...}}}) and one preview
+    page per task (mask_preview_<name>.html, linked from mask_preview.html). Metrics per task under
+    "tasks", totals at the top."""
+    from tunekit.io import write_json, write_jsonl
+
+    names = list(task_params.tasks)
+    data = {split: list(read_jsonl(Path(data_dir) / f"{split}.jsonl")) for split in SPLITS}
+    for split in SPLITS:
+        for line, row in enumerate(data[split], start=1):
+            if row.get("task") not in task_params.tasks:
+                raise TaskDataError(
+                    f"{Path(data_dir) / f'{split}.jsonl'}:{line}: the row belongs to task {row.get('task', 'sft')!r}, "
+                    f"which is not one of task.tasks {names}; the ingested data is stale or from other inputs: run "
+                    "the ingest stage again (dvc repro ingest)")
+    out: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    labels: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"task": "multi_task", "tasks": {}}
+    links = []
+    for name in names:
+        sub = task_params.subtask(name)
+        mine = {split: [{**row, FILE_LINE: line} for line, row in enumerate(data[split], start=1) if row["task"] == name]
+                for split in SPLITS}
+        try:
+            rows, info, task_metrics = _tokenize_splits(sub.type, sub, max_length, tokenizer, mine, Path(data_dir))
+        except TaskDataError as exc:
+            raise TaskDataError(f"task.tasks.{name} ({sub.type}): {exc}".replace("task.labels", f"task.tasks.{name}.labels")
+                                .replace("task.label_all_subwords", f"task.tasks.{name}.label_all_subwords")) from None
+        for split in SPLITS:
+            out[split] += [{**row, "task": name} for row in rows[split]]
+        labels[name] = info
+        metrics["tasks"][name] = task_metrics
+        page = f"mask_preview_{name}.html"
+        (Path(preview_dir) / page).write_text(
+            preview_html(sub.type, rows["train"][:preview_examples], tokenizer, info["labels"], preview_examples),
+            encoding="utf-8")
+        links.append(f'<li><a href="{html.escape(page)}">{html.escape(name)}</a> ({html.escape(sub.type)})</li>')
+    for split in SPLITS:
+        write_jsonl(Path(out_dir) / f"{split}.jsonl", out[split])
+        metrics[split] = {key: sum(metrics["tasks"][name][split][key] for name in names)
+                          for key in ("examples", "tokens", "truncated")}
+    write_json(Path(out_dir) / LABELS_FILE, {"task": "multi_task", "tasks": labels})
+    (Path(preview_dir) / "mask_preview.html").write_text(
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Task data preview</title></head><body>'
+        f"<h1>multi-task preview</h1><ul>{''.join(links)}</ul></body></html>\n", encoding="utf-8")
+    for key in ("labels", "truncated", "examples"):
+        metrics[key] = sum(metrics["tasks"][name][key] for name in names)
+    return metrics
+
+
+def _tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any, data: dict[str, list[dict]],
+                     data_dir: Path) -> tuple[dict[str, list[dict]], dict[str, Any], dict[str, Any]]:
+    """(tokenised rows per split, the labels.json content, metrics) of one task's ingested rows."""
     if not data["train"]:
-        raise TaskDataError(f"{Path(data_dir) / 'train.jsonl'} is empty: nothing to train on")
-    labels, multi = build_label_set(data["train"], task, task_params.labels, str(Path(data_dir) / "train.jsonl"))
+        raise TaskDataError(f"{data_dir / 'train.jsonl'} is empty: nothing to train on")
+    labels, multi = build_label_set(data["train"], task, task_params.labels, str(data_dir / "train.jsonl"))
     origin = "task.labels in params.yaml" if task_params.labels is not None else "read from the train split"
     if task == "token_classification" and task_params.label_all_subwords:
         lacking = [label for label in labels if label.startswith("B-") and f"I-{label[2:]}" not in labels]
@@ -421,10 +490,10 @@ def tokenize_task(task: str, task_params: Any, max_length: int, tokenizer: Any, 
     label2id = {label: i for i, label in enumerate(labels)}
     counts: Counter[str] = Counter()
     metrics: dict[str, Any] = {}
-    preview_rows: list[dict] = []
+    out: dict[str, list[dict]] = {}
     for split in SPLITS:
         rows = data[split]
-        check_labels(rows, task, labels, multi, str(Path(data_dir) / f"{split}.jsonl"), origin)
+        check_labels(rows, task, labels, multi, str(data_dir / f"{split}.jsonl"), origin)
         if split == "train":
             for row in rows:
                 counts.update(_row_labels(row, task))
@@ -456,14 +525,10 @@ def tokenize_task(task: str, task_params: Any, max_length: int, tokenizer: Any, 
             stats["unanswerable"] = sum(1 for row in rows if not row["answers"]["text"])
             found = {row["example_id"] for row in out_rows if row["start_positions"]}
             stats["answer_outside_windows"] = sum(1 for row in rows if row["answers"]["text"] and row["id"] not in found)
-        write_jsonl(Path(out_dir) / f"{split}.jsonl", out_rows)
+        out[split] = out_rows
         metrics[split] = stats
-        if split == "train":
-            preview_rows = out_rows[:preview_examples]
-    write_json(Path(out_dir) / LABELS_FILE, {"task": task, "labels": labels, "multi_label": multi,
-                                             "counts": {label: counts.get(label, 0) for label in labels}})
-    (Path(preview_dir) / "mask_preview.html").write_text(
-        preview_html(task, preview_rows, tokenizer, labels, preview_examples), encoding="utf-8")
+    info = {"task": task, "labels": labels, "multi_label": multi,
+            "counts": {label: counts.get(label, 0) for label in labels}}
     metrics["task"] = task
     metrics["labels"] = len(labels)
     metrics["truncated"] = sum(metrics[s]["truncated"] for s in SPLITS)
@@ -471,4 +536,4 @@ def tokenize_task(task: str, task_params: Any, max_length: int, tokenizer: Any, 
     if task == "qa" and any(metrics[s]["answer_outside_windows"] for s in SPLITS):
         log.warning("some answers lie in no single window (longer than a window's context part); they train as "
                     "unanswerable: raise template.max_length or task.doc_stride")
-    return metrics
+    return out, info, metrics
