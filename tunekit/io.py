@@ -86,9 +86,12 @@ def content_hash(path: Path) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's commit, with "-dirty" when tracked files differ from it. dvc.lock does not count: DVC itself
+    rewrites it while `dvc repro` runs, so every stage after the first would otherwise be "dirty"."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
+                               capture_output=True, text=True, check=False, timeout=10)
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
