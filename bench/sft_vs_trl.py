@@ -245,6 +245,16 @@ def _rows(path: Path) -> list[dict]:
     return list(read_jsonl(path))
 
 
+def finetune_params(args):
+    """finetune.* from params.yaml, with --lora-dropout applied: the same LoRA config for both trainers."""
+    from tunekit.params import load_section
+
+    params = load_section("finetune")
+    if args.lora_dropout is not None:
+        params = params.model_copy(update={"lora": params.lora.model_copy(update={"dropout": args.lora_dropout})})
+    return params
+
+
 def child_ours(args, train_rows, val_rows) -> dict:
     import torch
 
@@ -253,8 +263,8 @@ def child_ours(args, train_rows, val_rows) -> dict:
     from tunekit.params import load_section
     from tunekit.train import TrainConfig, evaluate_loss, train
 
-    params = load_section("finetune").model_copy(update={"batch_size": args.batch_size, "epochs": 1.0, "max_steps": None,
-                                                         "grad_accum": 1})
+    params = finetune_params(args).model_copy(update={"batch_size": args.batch_size, "epochs": 1.0, "max_steps": None,
+                                                      "grad_accum": 1})
     seed = load_section("project").seed
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(args.model)
@@ -287,7 +297,7 @@ def child_trl(args, train_rows, val_rows) -> dict:
     from tunekit.params import load_section
     from tunekit.train import evaluate_loss
 
-    params = load_section("finetune")
+    params = finetune_params(args)
     seed = load_section("project").seed
     tokenizer = load_tokenizer(args.model)
     model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
@@ -341,6 +351,8 @@ def run_child(trainer: str, data_dir: str, args, result_path: Path) -> dict:
                "--batch-size", str(args.batch_size), "--device", args.device, "--precision", args.precision]
     if args.ours_options:
         command += ["--ours-options", args.ours_options]
+    if args.lora_dropout is not None:
+        command += ["--lora-dropout", str(args.lora_dropout)]
     if args.trl_options:
         command += ["--trl-options", args.trl_options]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads),
@@ -497,6 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-pipeline", action="store_true", help="skip the dvc repro / pipeline timings")
     parser.add_argument("--ours-options", default=None, help="JSON of extra TrainConfig fields for our runs (lever A/B)")
     parser.add_argument("--trl-options", default=None, help="JSON of extra SFTConfig fields for TRL runs")
+    parser.add_argument("--lora-dropout", type=float, default=None, help="override finetune.lora.dropout for both trainers")
     # child mode (internal)
     parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -561,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         **({"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {}),
         "matmul_peak_gflops": peak / 1e9, "versions": versions, "model": str(args.model),
         "ours_options": json.loads(args.ours_options or "{}"), "trl_options": json.loads(args.trl_options or "{}"),
+        "lora_dropout": args.lora_dropout,
         "sets": summaries, "pipeline": pipeline,
     }
     table = markdown(report)

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import REPO, tiny_llama
 from tunekit.methods import method_for
 from tunekit.params import FinetuneParams
-from tunekit.train import IGNORE, TrainConfig, release_freed_memory, train
+from tunekit.train import IGNORE, TrainConfig, checkpoint_mlps, release_freed_memory, train
 
 spec = importlib.util.spec_from_file_location("sft_vs_trl", REPO / "bench" / "sft_vs_trl.py")
 bench = importlib.util.module_from_spec(spec)
@@ -64,6 +64,18 @@ def test_gradient_checkpointing_and_allocator_settings_train_the_same_weights(sm
     assert plain.keys() == levers.keys()
     for name in plain:  # dropout masks are replayed in the recomputation, so the weights agree
         torch.testing.assert_close(levers[name], plain[name], rtol=1e-5, atol=1e-6)
+    mlp_only = _lora_run(smollm2_tokenizer, rows, tmp_path / "c", gradient_checkpointing="mlp")
+    for name in plain:
+        torch.testing.assert_close(mlp_only[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_checkpointing_wraps_each_feed_forward_once_and_refuses_models_without_one(smollm2_tokenizer, tmp_path):
+    model = tiny_llama(len(smollm2_tokenizer))
+    assert checkpoint_mlps(model) == checkpoint_mlps(model) == len(model.model.layers)  # idempotent
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=1, gradient_checkpointing="mlp")
+    with pytest.raises(ValueError, match="found no feed-forward block named `mlp`.*gradient_checkpointing: true"):
+        train(plain, [{"input_ids": [1, 2], "labels": [1, 2]}], [], cfg, 0, tmp_path)
 
 
 @pytest.mark.slow

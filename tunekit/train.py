@@ -34,6 +34,7 @@ Several processes (torch.distributed initialised by the caller, e.g. under torch
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -187,6 +188,7 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[st
 
 
 @torch.no_grad()
+@torch.no_grad()  # no autograd graph: a validation batch would otherwise hold a training step's activations
 def evaluate_loss(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int,
                   full_forward: bool = False, objective: Any = None) -> dict[str, float]:
     """Mean loss over all trained tokens of `rows` (`objective`: over its units), and its perplexity."""
@@ -229,7 +231,8 @@ class TrainConfig:
     replay_ratio: float = 0.0            # share of every global micro-batch taken from `replay_rows`
     forgetting_every: int | None = None  # probe loss every N steps (and at step 0); needs `probe_rows`
     precision: str = "fp32"              # fp32 | bf16 (autocast, CUDA only)
-    gradient_checkpointing: bool = False  # recompute each layer's activations in backward: ~0.5x memory, ~1.45x time
+    gradient_checkpointing: bool | str = False  # True: recompute each layer in backward (~0.5x memory, ~1.45x time);
+                                                # "mlp": only each layer's feed-forward block (checkpoint_mlps)
     release_memory: bool = False         # glibc: large freed buffers go back to the OS (release_freed_memory): less
                                          # memory, much slower; off everywhere, kept for memory-bound runs
     # Task heads (tunekit.heads.TaskObjective): its collate / count / loss_sum replace the LM ones, so
@@ -588,6 +591,23 @@ def release_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 128 * 1024)) and bool(mallopt(m_trim_threshold, 128 * 1024))
 
 
+def checkpoint_mlps(model: torch.nn.Module) -> int:
+    """Recompute every transformer block's feed-forward (the modules named `*.mlp`) in the backward pass
+    instead of keeping its activations: on a Llama-style block the MLP's four intermediate-size tensors
+    are most of what a layer keeps per token, while recomputing it is one MLP forward. Non-reentrant,
+    RNG state preserved (LoRA dropout inside repeats its masks). Returns how many blocks it wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for name, module in model.named_modules():
+        if name.endswith(".mlp"):
+            if not getattr(module, "_tunekit_checkpointed", False):
+                module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
+                module._tunekit_checkpointed = True
+            wrapped += 1
+    return wrapped
+
+
 def train(model: torch.nn.Module, train_rows: Sequence[dict[str, Any]], val_rows: Sequence[dict[str, Any]],
           cfg: TrainConfig, pad_id: int, ckpt_dir: Path,
           on_step: Callable[[TrainState], None] | None = None,
@@ -607,7 +627,11 @@ def train(model: torch.nn.Module, train_rows: Sequence[dict[str, Any]], val_rows
     model.train()
     if cfg.release_memory:
         release_freed_memory()
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing == "mlp":
+        if not checkpoint_mlps(model):
+            raise ValueError("gradient_checkpointing: mlp found no feed-forward block named `mlp` in this model (Llama-style "
+                             "decoders have one per layer); use gradient_checkpointing: true to recompute whole layers")
+    elif cfg.gradient_checkpointing:
         # Non-reentrant: needs no input that requires grad (LoRA leaves the embeddings frozen). transformers 5
         # renamed it activation checkpointing; the old name still works there, with a warning.
         if hasattr(model, "activation_checkpointing_enable"):
