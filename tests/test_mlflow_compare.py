@@ -99,7 +99,7 @@ def test_both_pipelines_compare_with_the_same_metric_keys(compared):
     lora, full = parents["lora-r4"], parents["full-lr5e-4"]
     assert set(children["lora-r4"]) == ALL_STAGES
     # The second run changed only finetune params: DVC re-ran finetune and everything after it.
-    assert set(children["full-lr5e-4"]) == {"finetune", "merge", "evaluate", "forgetting"}
+    assert set(children["full-lr5e-4"]) == {"finetune", "merge", "evaluate", "forgetting", "export"}
     assert all(r.info.status == "FINISHED" for stage_runs in children.values() for r in stage_runs.values())
 
     assert set(lora.data.metrics) == set(full.data.metrics)
