@@ -525,16 +525,21 @@ def _format_of(obj: dict[str, Any], formats: tuple[str, ...] = FORMATS) -> str |
     return None
 
 
-def _normalise(obj: dict[str, Any], detected: tuple[str, int] | None, max_chars: int) -> list[dict]:
-    if detected is None:
-        raise _Bad("wrong_format", f"line has {_keys(obj)}, which match no known format, and no earlier line "
-                                   f"did either; {_FORMAT_KEYS_HELP}")
-    fmt, since = detected
+def _require_keys(obj: dict[str, Any], fmt: str, since: int) -> None:
+    """A line must have every key of its file's format (`since`: the line that set it, 0 = ingest.format)."""
     missing = [key for key in _REQUIRED_KEYS[fmt] if key not in obj]
     if missing:
         origin = "as forced by ingest.format" if since == 0 else f"as detected from line {since}"
         raise _Bad("wrong_format", f"line has {_keys(obj)} but the file is {fmt} ({origin}), which needs "
                                    f"{', '.join(json.dumps(key) for key in missing)}; keep one format per file")
+
+
+def _normalise(obj: dict[str, Any], detected: tuple[str, int] | None, max_chars: int) -> list[dict]:
+    if detected is None:
+        raise _Bad("wrong_format", f"line has {_keys(obj)}, which match no known format, and no earlier line "
+                                   f"did either; {_FORMAT_KEYS_HELP}")
+    fmt, since = detected
+    _require_keys(obj, fmt, since)
     if fmt == "messages":
         messages = _from_messages(obj["messages"])
         _check_turns(messages, "messages")
@@ -702,11 +707,7 @@ def _describe(value: Any) -> str:
 def _normalise_task(obj: dict[str, Any], detected: tuple[str, int], max_chars: int) -> dict[str, Any]:
     """The normalised fields of one task line (see TaskRecord); raises _Bad naming the field and the fix."""
     fmt, since = detected
-    missing = [key for key in _REQUIRED_KEYS[fmt] if key not in obj]
-    if missing:
-        origin = "as forced by ingest.format" if since == 0 else f"as detected from line {since}"
-        raise _Bad("wrong_format", f"line has {_keys(obj)} but the file is {fmt} ({origin}), which needs "
-                                   f"{', '.join(json.dumps(key) for key in missing)}; keep one format per file")
+    _require_keys(obj, fmt, since)
     if fmt == "classification":
         fields = _classification_fields(obj)
         chars = sum(len(fields[key]) for key in ("text", "text_a", "text_b") if key in fields)
