@@ -154,6 +154,17 @@ def write_refusal(params: MergeParams, model_dir: Path, out: Path, method: str, 
 # ---------------------------------------------------------------- task heads (task.type != sft)
 
 
+def record_task_merge(tmp: Path, params: MergeParams, model_dir: Path, base_dir: Path, method: str, meta: dict,
+                      difference: float, same: bool, checked: int, **extra) -> dict:
+    """meta.json, metrics and model card of an accepted task-head merge (one head or several)."""
+    write_meta(tmp, "merge", params.model_dump(), parent=model_dir,
+               extra={"base": str(base_dir), "method": method, "max_logit_difference": difference, "task": meta["task"]})
+    metrics = {"merged": 1, "task_head": 1, "max_logit_difference": difference, "predictions_identical": int(same),
+               "checked_examples": checked, **extra}
+    write_card(tmp, {"merge": metrics})
+    return metrics
+
+
 def merge_task(params: MergeParams, model_dir: Path, data_dir: Path, out: Path, meta: dict, method) -> dict:
     """A task checkpoint as one standalone model WITH its head: PEFT's merge_and_unload folds the adapter
     into the base and keeps the trained head (modules_to_save); full checkpoints are written through.
@@ -188,12 +199,7 @@ def merge_task(params: MergeParams, model_dir: Path, data_dir: Path, out: Path, 
                 f"merged {spec.type} model differs from the adapter model (largest logit difference {difference:.4g}, "
                 f"merge.atol={params.atol}, identical predictions: {same}): the merged checkpoint was not written. "
                 "Check that the adapter and base match (meta.json lineage).")
-        write_meta(tmp, "merge", params.model_dump(), parent=model_dir,
-                   extra={"base": str(base_dir), "method": method.name, "max_logit_difference": difference,
-                          "task": meta["task"]})
-        metrics = {"merged": 1, "task_head": 1, "max_logit_difference": difference, "predictions_identical": int(same),
-                   "checked_examples": len(rows)}
-        write_card(tmp, {"merge": metrics})
+        metrics = record_task_merge(tmp, params, model_dir, base_dir, method.name, meta, difference, same, len(rows))
     return metrics
 
 
@@ -238,12 +244,8 @@ def merge_multitask(params: MergeParams, model_dir: Path, data_dir: Path, out: P
                 f"merged multi-task model differs from the adapter model on task(s) {bad} ({ {n: checks[n] for n in bad} }, "
                 f"merge.atol={params.atol}): the merged checkpoint was not written. Check that the adapter and base "
                 "match (meta.json lineage).")
-        write_meta(tmp, "merge", params.model_dump(), parent=model_dir,
-                   extra={"base": str(base_dir), "method": method.name, "max_logit_difference": difference,
-                          "task": meta["task"]})
-        metrics = {"merged": 1, "task_head": 1, "max_logit_difference": difference, "predictions_identical": int(same),
-                   "checked_examples": sum(check["checked_examples"] for check in checks.values()), "tasks": checks}
-        write_card(tmp, {"merge": metrics})
+        metrics = record_task_merge(tmp, params, model_dir, base_dir, method.name, meta, difference, same,
+                                    sum(check["checked_examples"] for check in checks.values()), tasks=checks)
     return metrics
 
 
