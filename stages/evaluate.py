@@ -273,35 +273,21 @@ def run_task(params: EvaluateParams, model_dir: Path, data_dir: Path, tokenized_
         return run_multitask(params, model_dir, data_dir, tokenized_dir, out, merged_dir, task_params)
     spec = TaskSpec.from_meta(read_meta(model_dir)["task"])
     tokenizer = load_tokenizer(model_dir)
-    rows = list(read_jsonl(tokenized_dir / "test.jsonl"))
-    records = list(read_jsonl(data_dir / "test.jsonl"))
-    if params.max_examples:
-        records = records[:params.max_examples]
-        kept = {str(r.get("id")) for r in records}
-        rows = [r for r in rows if str(r.get("example_id", r.get("id"))) in kept] if spec.type == "qa" else rows[:params.max_examples]
+    rows, records = _task_rows(params, spec, list(read_jsonl(tokenized_dir / "test.jsonl")),
+                               list(read_jsonl(data_dir / "test.jsonl")))
     if not rows:
         raise SystemExit(f"{tokenized_dir / 'test.jsonl'} is empty: raise ingest.test or add data")
     allow_null = spec.type == "qa" and any(not [a for a in r["answers"]["text"] if a.strip()]
                                            for split in ("train", "test") for r in read_jsonl(data_dir / f"{split}.jsonl"))
     log.info("task %s: generation, few-shot prompting and HumanEval do not apply to a %s head; scoring its "
              "predictions on %d test rows instead", spec.type, spec.type, len(rows))
-    tuned = load_tuned(model_dir)
-    checkpoints = {"base": str(resolve_checkpoint(tuned.base_dir)), "tuned": str(model_dir)}
     results, predictions, extras = {}, {}, {}
     with atomic_dir(out) as tmp:
         def harness(label: str, model) -> None:
             results[label], predictions[label], extras[label] = score_task(
                 model, spec, rows, records, tokenizer.pad_token_id, params.batch_size, label, task_params, tmp, allow_null)
 
-        with tuned.base() as base:
-            harness("base", base)
-        harness("tuned", tuned.model)
-        del tuned
-        if is_merged(merged_dir):
-            checkpoints["merged"] = str(merged_dir)
-            harness("merged", load_task_model(merged_dir, spec))
-        elif merged_dir is not None:
-            log.warning("no merged checkpoint at %s (%s): it is not scored", merged_dir, not_merged_reason(merged_dir))
+        checkpoints = score_task_models(harness, model_dir, merged_dir, lambda path: load_task_model(path, spec))
         for name, examples in predictions.items():
             write_jsonl(tmp / f"predictions_{name}.jsonl", examples)
         write_json(tmp / "confusion_matrices.json", {name: {"labels": list(spec.labels), **extra}
@@ -318,6 +304,23 @@ def run_task(params: EvaluateParams, model_dir: Path, data_dir: Path, tokenized_
                "task": spec.type, "checkpoints": checkpoints}
     log.info("scored %s (%s head; base = untrained head)", ", ".join(results), spec.type)
     return summary
+
+
+def score_task_models(harness, model_dir: Path, merged_dir: Path | None, load_merged) -> dict[str, str]:
+    """Run `harness(label, model)` on base (the tuned checkpoint's adapter switched off, or its base
+    loaded), tuned and merged, one model in memory at a time; returns the checkpoint path of each."""
+    tuned = load_tuned(model_dir)
+    checkpoints = {"base": str(resolve_checkpoint(tuned.base_dir)), "tuned": str(model_dir)}
+    with tuned.base() as base:
+        harness("base", base)
+    harness("tuned", tuned.model)
+    del tuned
+    if is_merged(merged_dir):
+        checkpoints["merged"] = str(merged_dir)
+        harness("merged", load_merged(merged_dir))
+    elif merged_dir is not None:
+        log.warning("no merged checkpoint at %s (%s): it is not scored", merged_dir, not_merged_reason(merged_dir))
+    return checkpoints
 
 
 def _task_rows(params: EvaluateParams, spec, rows: list[dict], records: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -356,8 +359,6 @@ def run_multitask(params: EvaluateParams, model_dir: Path, data_dir: Path, token
     settings = {name: task_params.subtask(name) if name in task_params.tasks else None for name in specs}
     log.info("multi-task %s: scoring each task's predictions on its test rows (%s)", ", ".join(specs),
              ", ".join(f"{name}: {len(rows)}" for name, (rows, _) in data.items()))
-    tuned = load_tuned(model_dir)
-    checkpoints = {"base": str(resolve_checkpoint(tuned.base_dir)), "tuned": str(model_dir)}
     results: dict[str, dict] = {}
     predictions: dict[str, list[dict]] = {}
     matrices: dict[str, dict] = {}
@@ -375,15 +376,7 @@ def run_multitask(params: EvaluateParams, model_dir: Path, data_dir: Path, token
                     confusion_matrix_png(tmp / f"confusion_{name}_{label}.png", extra["confusion_matrix"], spec.labels,
                                          f"confusion matrix ({name}, {label})")
 
-        with tuned.base() as base:
-            harness("base", base)
-        harness("tuned", tuned.model)
-        del tuned
-        if is_merged(merged_dir):
-            checkpoints["merged"] = str(merged_dir)
-            harness("merged", load_multitask_model(merged_dir))
-        elif merged_dir is not None:
-            log.warning("no merged checkpoint at %s (%s): it is not scored", merged_dir, not_merged_reason(merged_dir))
+        checkpoints = score_task_models(harness, model_dir, merged_dir, load_multitask_model)
         for label, examples in predictions.items():
             write_jsonl(tmp / f"predictions_{label}.jsonl", examples)
         write_json(tmp / "confusion_matrices.json", matrices)
