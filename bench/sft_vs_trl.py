@@ -15,6 +15,10 @@ config (finetune.lora: r=16 all-linear), learning rate, schedule, warm-up, clipp
 threads. Ours runs tunekit.train.train, the finetune stage's code path, with finetune.* from params.yaml
 (batch size 4, one epoch).
 
+Ours runs as a stage does: `import stages` first, which turns on PyTorch's transparent-huge-page CPU
+allocation (THP_MEM_ALLOC_ENABLE=1, stages/__init__.py); TRL runs with PyTorch's default unless --trl-thp
+(the control: the same allocator setting for TRL).
+
 Every run is a fresh subprocess (peak RSS = that child's ru_maxrss from os.wait4); the two trainers
 alternate, ours first in odd repetitions and TRL first in even ones. Validation loss after the epoch is
 scored for both with one function (tunekit.train.evaluate_loss: mean over trained tokens).
@@ -332,6 +336,8 @@ def child_trl(args, train_rows, val_rows) -> dict:
 
 
 def child_main(args) -> None:
+    if args.child == "ours":
+        import stages  # noqa: F401  the process settings every stage starts with (stages/__init__.py), before torch loads
     import torch
 
     torch.set_num_threads(args.threads)
@@ -340,6 +346,7 @@ def child_main(args) -> None:
     train_rows, val_rows = _rows(data / "train.jsonl"), _rows(data / "validation.jsonl")
     result = (child_ours if args.child == "ours" else child_trl)(args, train_rows, val_rows)
     result["threads"] = torch.get_num_threads()
+    result["thp_mem_alloc"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
     if args.device == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
@@ -358,6 +365,9 @@ def run_child(trainer: str, data_dir: str, args, result_path: Path) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TUNEKIT_DEVICE": args.device}
+    env.pop("THP_MEM_ALLOC_ENABLE", None)  # ours: what stages/__init__.py sets; TRL: its default, unless --trl-thp
+    if trainer == "trl" and args.trl_thp:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     log = open(result_path.with_suffix(".log"), "w", encoding="utf-8")
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -454,7 +464,9 @@ def markdown(report: dict) -> str:
     lines = [f"Command: `{report['command']}`  ",
              f"Machine: {report['machine']}; load average before/after: {report['load_before']} / {report['load_after']}  ",
              f"Repetitions: {report['reps']} (alternating, each run a fresh process); medians shown, "
-             "ratios as median [min-max] of per-repetition our/TRL", ""]
+             "ratios as median [min-max] of per-repetition our/TRL  ",
+             "CPU allocator: ours THP_MEM_ALLOC_ENABLE=1 (as every stage), TRL "
+             + ("THP_MEM_ALLOC_ENABLE=1 (--trl-thp)" if report.get("trl_thp") else "PyTorch's default"), ""]
     gpu = report.get("device") == "cuda"
     memory, memory_key, ratio_key = ("peak GPU MB", "peak_gpu_mb", "peak_gpu") if gpu else ("peak RSS MB", "peak_rss_mb", "peak_rss")
     lines.insert(2, f"Device: {report.get('gpu', report.get('device', 'cpu'))}, precision {report.get('precision', 'fp32')}  ")
@@ -510,6 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ours-options", default=None, help="JSON of extra TrainConfig fields for our runs (lever A/B)")
     parser.add_argument("--trl-options", default=None, help="JSON of extra SFTConfig fields for TRL runs")
     parser.add_argument("--lora-dropout", type=float, default=None, help="override finetune.lora.dropout for both trainers")
+    parser.add_argument("--trl-thp", action="store_true",
+                        help="control: give TRL the allocator setting our stages start with (THP_MEM_ALLOC_ENABLE=1)")
     # child mode (internal)
     parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -574,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
         **({"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {}),
         "matmul_peak_gflops": peak / 1e9, "versions": versions, "model": str(args.model),
         "ours_options": json.loads(args.ours_options or "{}"), "trl_options": json.loads(args.trl_options or "{}"),
-        "lora_dropout": args.lora_dropout,
+        "lora_dropout": args.lora_dropout, "trl_thp": args.trl_thp,
         "sets": summaries, "pipeline": pipeline,
     }
     table = markdown(report)

@@ -90,6 +90,11 @@ def test_epoch_batches_are_deterministic_grouped_and_cover_every_row():
     random_batches = [order[i:i + 8] for i in range(0, 300, 8)]
     random_waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in random_batches)
     assert waste < random_waste / 3
+    # The batch with the most padded tokens comes first (an out-of-memory shows at once; the heap is
+    # sized for it), and the rest are not in length order.
+    cost = [len(b) * max(lengths[i] for i in b) for b in first]
+    assert cost[0] == max(cost) and cost[1:] != sorted(cost[1:], reverse=True)
+    assert epoch_batches([], 8, seed=3, epoch=0) == []
 
 
 def test_training_lowers_the_loss_and_early_stopping_restores_the_best_weights(rows, smollm2_tokenizer, tmp_path):

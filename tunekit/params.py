@@ -291,8 +291,9 @@ class LoopParams(Section):
     eval_every: int = Field(20, gt=0)
     early_stopping_patience: int | None = Field(3, gt=0)
     checkpoint_every: int = Field(20, gt=0)
-    # true: recompute every layer in backward (~0.5x peak memory, ~1.45x time); mlp: only the feed-forward blocks
-    gradient_checkpointing: bool | Literal["mlp"] = False
+    # auto: the feed-forward blocks where the model has them (Llama-style decoders), else none; mlp: those, or an
+    # error; true: every layer (~0.5x peak memory, ~1.45x time); false: none
+    gradient_checkpointing: bool | Literal["mlp", "auto"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA only
     threads: int = Field(0, ge=0)
 
