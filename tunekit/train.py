@@ -179,32 +179,41 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 LOSS_CHUNK = 512  # trained positions per LM-head chunk: 512 x 49152 vocab x 4 bytes = 96 MB of logits at a time
 
 
+def _chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                       need_hidden: bool, need_weight: bool):
+    """Summed cross-entropy of hidden @ weight.T against targets, `chunk` rows at a time, and the gradients
+    asked for (d loss / d hidden, d loss / d weight in fp32), computed from each chunk's softmax."""
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        logits = (h @ weight.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        if need_hidden or need_weight:
+            grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+            grad_logits = grad_logits.to(h.dtype)
+            if need_hidden:
+                grad_hidden[start:start + chunk] = grad_logits @ weight.to(h.dtype)
+            if need_weight:
+                grad_weight += (grad_logits.t() @ h).float()
+    return total, grad_hidden, grad_weight
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(hidden @ weight.T, targets)) with its gradients computed in the forward pass,
-    one chunk of rows at a time: the (rows x vocab) logits, their log-softmax and their gradient never
-    exist whole, and nothing vocab-sized is kept for backward (only d loss / d hidden and, when the
-    head trains, d loss / d weight). Same FLOPs as the unfused head; the memory is one chunk's logits."""
+    one chunk of rows at a time (`_chunked_head_loss`): the (rows x vocab) logits, their log-softmax and
+    their gradient never exist whole, and nothing vocab-sized is kept for backward (only d loss / d hidden
+    and, when the head trains, d loss / d weight). Same FLOPs as the unfused head; the memory is one
+    chunk's logits."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if need_hidden or need_weight:
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad_logits = grad_logits.to(h.dtype)
-                if need_hidden:
-                    grad_hidden[start:start + chunk] = grad_logits @ weight.to(h.dtype)
-                if need_weight:
-                    grad_weight += (grad_logits.t() @ h).float()
+        total, grad_hidden, grad_weight = _chunked_head_loss(hidden, weight, targets, chunk,
+                                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
@@ -221,11 +230,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     chunked (`_LinearCrossEntropy`); without autograd (evaluation) the same chunks, no gradients."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk):
-        logits = (hidden[start:start + chunk] @ weight.t()).float()
-        total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
-    return total
+    return _chunked_head_loss(hidden, weight, targets, chunk, False, False)[0]
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
