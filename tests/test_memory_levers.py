@@ -16,8 +16,8 @@ from tests.conftest import tiny_llama
 from tunekit.methods import method_for
 from tunekit.params import FinetuneParams
 from tests.conftest import REPO
-from tunekit.train import (IGNORE, TrainConfig, _dropout_keep, _DroppedLinear, _keep_rate, collate, grouped_query_sdpa,
-                           linear_cross_entropy_sum, regenerate_lora_dropout, token_loss_sum, train)
+from tunekit.train import (IGNORE, TrainConfig, _dropout_drop, _DroppedLinear, _keep_rate, checkpoint_mlps, collate,
+                           grouped_query_sdpa, linear_cross_entropy_sum, regenerate_lora_dropout, token_loss_sum, train)
 
 
 def saved_bytes(fn) -> int:
@@ -101,14 +101,14 @@ def test_the_fused_head_keeps_nothing_vocab_sized_for_backward():
 
 def test_dropout_masks_are_reproducible_from_the_seed_and_drop_at_the_configured_rate():
     x = torch.empty(400, 500)
-    keep = _dropout_keep(x, 0.1, seed=5)
-    assert keep.dtype == torch.bool and keep.shape == x.shape
-    assert torch.equal(keep, _dropout_keep(x, 0.1, seed=5))
-    assert not torch.equal(keep, _dropout_keep(x, 0.1, seed=6))
-    assert abs(keep.float().mean().item() - _keep_rate(0.1)) < 0.003  # 200k draws: sd ~0.0007
+    drop = _dropout_drop(x, 0.1, seed=5)
+    assert drop.dtype == torch.bool and drop.shape == x.shape
+    assert torch.equal(drop, _dropout_drop(x, 0.1, seed=5))
+    assert not torch.equal(drop, _dropout_drop(x, 0.1, seed=6))
+    assert abs((~drop).float().mean().item() - _keep_rate(0.1)) < 0.003  # 200k draws: sd ~0.0007
     assert abs(_keep_rate(0.1) - 0.9) < 1e-5 and _keep_rate(0.0) == 1.0
     odd = torch.empty(3, 7)  # a size that is not a multiple of the four draws per 64-bit number
-    assert _dropout_keep(odd, 0.5, seed=1).shape == (3, 7)
+    assert _dropout_drop(odd, 0.5, seed=1).shape == (3, 7)
 
 
 def test_the_dropped_linear_backward_uses_the_forward_mask():
@@ -120,11 +120,13 @@ def test_the_dropped_linear_backward_uses_the_forward_mask():
     ours = x.grad, weight.grad
 
     x2, w2 = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    reference = F.linear(x2 * _dropout_keep(x2, 0.3, 11) / _keep_rate(0.3), w2)
-    torch.testing.assert_close(out, reference)
+    reference = F.linear(x2 * ~_dropout_drop(x2, 0.3, 11) / _keep_rate(0.3), w2)
+    # Same values up to rounding: the 1/(1-p) scale is applied to the other side of the product.
+    close = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(out, reference, **close)
     reference.pow(2).sum().backward()
-    torch.testing.assert_close(ours[0], x2.grad)
-    torch.testing.assert_close(ours[1], w2.grad)
+    torch.testing.assert_close(ours[0], x2.grad, **close)
+    torch.testing.assert_close(ours[1], w2.grad, **close)
     assert 0 < (x2.grad == 0).float().mean() < 0.5  # dropped inputs get no gradient: the mask really applied
 
 
@@ -208,6 +210,62 @@ def test_grouped_query_sdpa_keeps_keys_and_values_at_their_own_head_count_with_i
 
 def checkpointed_mlps(model) -> int:
     return sum(bool(getattr(m, "_tunekit_checkpointed", False)) for name, m in model.named_modules() if name.endswith(".mlp"))
+
+
+def _frozen_mlp_model(vocab: int):
+    model = tiny_llama(vocab).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(".self_attn." in name)  # feed-forward blocks frozen: down_proj is a plain frozen Linear
+    return model
+
+
+def _dora_model(vocab: int):
+    params = FinetuneParams(method="dora", lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"})
+    return method_for(params).prepare(tiny_llama(vocab), params)
+
+
+@pytest.mark.parametrize("kind, down_runs", [("lora", 1), ("frozen", 1), ("full", 2), ("dora", 2)])
+def test_checkpointed_feed_forward_gives_the_plain_gradients_and_skips_a_frozen_down_projection(smollm2_tokenizer, kind,
+                                                                                                 down_runs):
+    """Plain LoRA or a frozen down_proj: the recomputation stops at down_proj's input (one down_proj matmul per
+    step, not two); a trained down_proj or a PEFT variant falls back to recomputing the whole block. Either way
+    the loss and every gradient equal those of the block without checkpointing, dropout masks included."""
+    vocab = len(smollm2_tokenizer)
+    build = {"lora": lambda: lora_model(vocab, 0.1), "frozen": lambda: _frozen_mlp_model(vocab),
+             "full": lambda: tiny_llama(vocab).train(), "dora": lambda: _dora_model(vocab)}[kind]
+    batch = collate(rows_for(vocab, (40, 33, 40, 21)), smollm2_tokenizer.pad_token_id)
+
+    def run(checkpointed: bool):
+        model = build().train()
+        regenerate_lora_dropout(model)
+        if checkpointed:
+            assert checkpoint_mlps(model) == 2
+        downs = [m for name, m in model.named_modules() if name.endswith("mlp.down_proj")]
+        base = [getattr(d, "base_layer", d) for d in downs]
+        calls = []
+        for layer in base:
+            layer.register_forward_pre_hook(lambda *_: calls.append(1))  # at entry: a recomputation may stop inside
+        torch.manual_seed(3)
+
+        def step(params):
+            params.update(p.data_ptr() for p in model.parameters())
+            loss, n = token_loss_sum(model, batch)
+            return loss / n
+        kept, loss = saved_bytes(step)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        return loss, grads, kept, len(calls) / len(base)
+
+    plain_loss, plain_grads, plain_kept, plain_runs = run(False)
+    loss, grads, kept, runs = run(True)
+    assert plain_runs == 1 and runs == down_runs
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-6)
+    # The intermediate-size activations (64 wide here) are not kept: well under the plain block's bytes.
+    tokens = batch["input_ids"].numel()
+    assert plain_kept - kept >= 0.9 * 2 * tokens * 64 * 4 * 2
 
 
 def test_auto_checkpointing_recomputes_feed_forward_blocks_where_there_are_any(smollm2_tokenizer, tmp_path):

@@ -659,43 +659,50 @@ def release_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 128 * 1024)) and bool(mallopt(m_trim_threshold, 128 * 1024))
 
 
+def _drop_count(p: float) -> int:
+    """p on a grid of 1/65536: how many of the 65536 values of a 16-bit draw drop an element."""
+    return round(p * 65536)
+
+
 def _keep_rate(p: float) -> float:
-    """The keep probability `_dropout_keep` draws with: 1 - p, with p on a grid of 1/65536."""
-    return 1.0 - round(p * 65536) / 65536
+    """The keep probability `_dropout_drop` draws with: 1 - p, with p on a grid of 1/65536."""
+    return 1.0 - _drop_count(p) / 65536
 
 
-def _dropout_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """A dropout keep-mask for x from `seed` alone. Four 16-bit draws come out of every 64-bit random
-    number, which is ~3x faster on the CPU than torch.rand or bernoulli_ (one generator call per element)."""
+def _dropout_drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """A dropout mask for x (True = dropped) from `seed` alone. Four 16-bit draws come out of every 64-bit
+    random number, which is ~3x faster on the CPU than torch.rand or bernoulli_ (one generator call per element)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1, generator=generator)
-    return bits.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768
+    return bits.view(torch.int16)[:n].view(x.shape) < _drop_count(p) - 32768
 
 
 class _DroppedLinear(torch.autograd.Function):
     """dropout(x, p) @ weight.T (a LoRA A matrix after LoRA dropout) that keeps x, not the dropped copy
     and its mask: backward draws the same mask again from `seed`. Inputs shared by several adapters
     (q, k and v read one normed hidden state; gate and up another) are then kept once instead of once
-    per adapter, with a mask each."""
+    per adapter, with a mask each. The 1/(1-p) scale is applied to the r-wide side of the product and
+    the mask by masked_fill: no float copy of the mask, one pass over x fewer than x * mask / (1 - p)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seed = p, seed
-        return F.linear(x * _dropout_keep(x, p, seed) / _keep_rate(p), weight)
+        return F.linear(x.masked_fill(_dropout_drop(x, p, seed), 0), weight) * (1 / _keep_rate(p))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        keep = _dropout_keep(x, ctx.p, ctx.seed)
+        drop = _dropout_drop(x, ctx.p, ctx.seed)
+        grad = grad * (1 / _keep_rate(ctx.p))
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = ((grad @ weight.to(grad.dtype)) * keep / _keep_rate(ctx.p)).to(x.dtype)
+            grad_x = (grad @ weight.to(grad.dtype)).masked_fill_(drop, 0).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dropped = (x * keep / _keep_rate(ctx.p)).to(grad.dtype)
+            dropped = x.masked_fill(drop, 0).to(grad.dtype)
             grad_weight = (grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
         return grad_x, grad_weight, None, None
 
@@ -729,18 +736,68 @@ def regenerate_lora_dropout(model: torch.nn.Module) -> int:
     return fused
 
 
+def _plain_lora_parts(layer: torch.nn.Module) -> tuple[torch.nn.Module, list[tuple]] | None:
+    """(frozen base layer, [(lora_A, lora_B, dropout, scaling), ...]) when `layer` is a PEFT LoRA Linear whose
+    forward is exactly base(x) + sum of lora_B(lora_A(dropout(x))) * scaling over its active adapters (no
+    variant, not merged or disabled, base weight frozen); None otherwise."""
+    base = getattr(layer, "base_layer", None)
+    lora_a = getattr(layer, "lora_A", None)
+    if (not isinstance(base, torch.nn.Linear) or base.weight.requires_grad or not isinstance(lora_a, torch.nn.ModuleDict)
+            or getattr(layer, "disable_adapters", True) or getattr(layer, "merged", True)):
+        return None
+    parts = []
+    for key in layer.active_adapters:
+        if key not in lora_a:
+            continue
+        if key in getattr(layer, "lora_variant", {}):
+            return None
+        parts.append((lora_a[key], layer.lora_B[key], layer.lora_dropout[key], layer.scaling[key]))
+    return base, parts
+
+
+def _checkpointed_mlp(mlp: torch.nn.Module, forward: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`forward` (the block's own) with its activations recomputed in backward. A gated feed-forward
+    (gate_proj, up_proj, act_fn, down_proj: Llama, Mistral, Qwen, ...) whose down_proj is frozen or plain
+    LoRA is split so that the recomputation stops at down_proj's input: act(gate(x)) * up(x) and the LoRA A
+    product of it are recomputed, the frozen down_proj matmul is not (it keeps nothing for backward), a third
+    of the recomputed feed-forward FLOPs. Same operations, same results as the block's forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    down = getattr(mlp, "down_proj", None)
+    gated = not args and not kwargs and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "act_fn"))
+    if not torch.is_grad_enabled() or not gated:
+        return checkpoint(forward, x, *args, use_reentrant=False, **kwargs) if torch.is_grad_enabled() else forward(x, *args, **kwargs)
+    if isinstance(down, torch.nn.Linear) and not down.weight.requires_grad and (down.bias is None or not down.bias.requires_grad):
+        base, adapters = down, []
+    else:
+        split = _plain_lora_parts(down)
+        if split is None:
+            return checkpoint(forward, x, use_reentrant=False)
+        base, adapters = split
+
+    def recomputed(x):
+        h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        return (h, *(lora_a(dropout(down._cast_input_dtype(h, lora_a.weight.dtype))) for lora_a, _, dropout, _ in adapters))
+
+    h, *low_rank = checkpoint(recomputed, x, use_reentrant=False)
+    out = base(h)
+    dtype = out.dtype
+    for (_, lora_b, _, scaling), a in zip(adapters, low_rank):
+        out = out + lora_b(a) * scaling
+    return out.to(dtype)
+
+
 def checkpoint_mlps(model: torch.nn.Module) -> int:
     """Recompute every transformer block's feed-forward (the modules named `*.mlp`) in the backward pass
     instead of keeping its activations: on a Llama-style block the MLP's four intermediate-size tensors
-    are most of what a layer keeps per token, while recomputing it is one MLP forward. Non-reentrant,
-    RNG state preserved (LoRA dropout inside repeats its masks). Returns how many blocks it wrapped."""
-    from torch.utils.checkpoint import checkpoint
-
+    are most of what a layer keeps per token, while recomputing it costs two of its three matmuls
+    (`_checkpointed_mlp`). Non-reentrant, RNG state preserved (LoRA dropout inside repeats its masks).
+    Returns how many blocks it wrapped."""
     wrapped = 0
     for name, module in model.named_modules():
         if name.endswith(".mlp"):
             if not getattr(module, "_tunekit_checkpointed", False):
-                module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
+                module.forward = functools.partial(_checkpointed_mlp, module, module.forward)
                 module._tunekit_checkpointed = True
             wrapped += 1
     return wrapped
