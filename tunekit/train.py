@@ -763,10 +763,11 @@ def _checkpointed_mlp(mlp: torch.nn.Module, forward: Callable, x: torch.Tensor, 
     of the recomputed feed-forward FLOPs. Same operations, same results as the block's forward."""
     from torch.utils.checkpoint import checkpoint
 
+    if not torch.is_grad_enabled():
+        return forward(x, *args, **kwargs)
     down = getattr(mlp, "down_proj", None)
-    gated = not args and not kwargs and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "act_fn"))
-    if not torch.is_grad_enabled() or not gated:
-        return checkpoint(forward, x, *args, use_reentrant=False, **kwargs) if torch.is_grad_enabled() else forward(x, *args, **kwargs)
+    if args or kwargs or not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "act_fn")):
+        return checkpoint(forward, x, *args, use_reentrant=False, **kwargs)
     if isinstance(down, torch.nn.Linear) and not down.weight.requires_grad and (down.bias is None or not down.bias.requires_grad):
         base, adapters = down, []
     else:
