@@ -5,6 +5,11 @@
     python bench/sft_vs_trl.py --quick             # 1 repetition, fewer rows: a smoke run
     python bench/sft_vs_trl.py --full              # the issue's sizes (64 single-turn chats, ...): ~1 h
     python bench/sft_vs_trl.py --reps 5 --sets variable demo
+    python bench/sft_vs_trl.py --trainers ours trl-nogc   # against one reference only
+
+Two references, each in its own processes: TRL with its defaults (`trl`: full-layer gradient checkpointing
+on) and TRL's fastest valid CPU setting (`trl-nogc`: the same with gradient_checkpointing=False, what a user
+with memory to spare runs). Our speed is compared with both; our memory with the defaults'.
 
 Both trainers get the same rows: the template stage's functions (stages.template.encode_split) render,
 tokenise and mask each conversation once, and the same input_ids and loss mask go to both (TRL as a
@@ -19,8 +24,8 @@ Ours runs as a stage does: `import stages` first, which turns on PyTorch's trans
 allocation (THP_MEM_ALLOC_ENABLE=1, stages/__init__.py); TRL runs with PyTorch's default unless --trl-thp
 (the control: the same allocator setting for TRL).
 
-Every run is a fresh subprocess (peak RSS = that child's ru_maxrss from os.wait4); the two trainers
-alternate, ours first in odd repetitions and TRL first in even ones. Validation loss after the epoch is
+Every run is a fresh subprocess (peak RSS = that child's ru_maxrss from os.wait4); the trainers take
+turns, the order rotating by one each repetition (ours first in the first). Validation loss after the epoch is
 scored for both with one function (tunekit.train.evaluate_loss: mean over trained tokens).
 
 Results: bench/results/latest.json and latest.md (and a timestamped copy of each).
@@ -60,6 +65,16 @@ SIZES = {
     # On a GPU an epoch of the sets above lasts about a second: mostly start-up, not training.
     "large": {"variable": (1024, 64), "multiturn": (512, 32), "demo": (4000, 0)},
 }
+# The trainers, in the order of the first repetition; every trainer but ours is a reference.
+TRAINERS = {
+    "ours": "tunekit",
+    "trl": "TRL SFTTrainer (defaults: gradient checkpointing)",
+    "trl-nogc": "TRL SFTTrainer, gradient_checkpointing=False",
+}
+REFERENCES = tuple(t for t in TRAINERS if t != "ours")
+# Issue 17's CPU targets on set (a): speed against TRL's fastest setting, memory against its defaults,
+# and our achieved FLOP/s as a share of the measured matmul peak.
+TARGETS = {"speed_vs_fastest": 2.0, "peak_rss_vs_defaults": 1.0, "fraction_of_peak": 0.55}
 SET_TITLES = {
     "variable": "(a) single-turn chats, 5-200 words each side",
     "multiturn": "(b) multi-turn chats, long system prompts",
@@ -310,6 +325,8 @@ def child_trl(args, train_rows, val_rows) -> dict:
     dataset = Dataset.from_list([{"input_ids": r["input_ids"], "assistant_masks": [int(x != -100) for x in r["labels"]]}
                                  for r in train_rows])
     options = json.loads(args.trl_options or "{}")
+    if args.child == "trl-nogc":  # TRL's fastest valid CPU setting: nothing recomputed
+        options.setdefault("gradient_checkpointing", False)
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=params.lr,
@@ -366,7 +383,7 @@ def run_child(trainer: str, data_dir: str, args, result_path: Path) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TUNEKIT_DEVICE": args.device}
     env.pop("THP_MEM_ALLOC_ENABLE", None)  # ours: what stages/__init__.py sets; TRL: its default, unless --trl-thp
-    if trainer == "trl" and args.trl_thp:
+    if trainer != "ours" and args.trl_thp:
         env["THP_MEM_ALLOC_ENABLE"] = "1"
     log = open(result_path.with_suffix(".log"), "w", encoding="utf-8")
     started = time.perf_counter()
@@ -435,7 +452,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 def summarise(name: str, info: dict, runs: list[dict]) -> dict:
     tokens, trained = info["train"]["tokens"], info["train"]["trained_tokens"]
     per = {}
-    for trainer in ("ours", "trl"):
+    for trainer in runs[0]:
         mine = [r[trainer] for r in runs]
         per[trainer] = {
             "seconds": _stats([r["seconds"] for r in mine]),
@@ -446,12 +463,15 @@ def summarise(name: str, info: dict, runs: list[dict]) -> dict:
             "final_train_loss": _stats([r["final_train_loss"] for r in mine]),
             "val_loss": _stats([r["val_loss"] for r in mine]),
         }
-    ratios = {  # our/TRL per repetition (side by side), then min/median/max
-        "speed": _stats([r["trl"]["seconds"] / r["ours"]["seconds"] for r in runs]),
-        "peak_rss": _stats([r["ours"]["peak_rss_mb"] / r["trl"]["peak_rss_mb"] for r in runs]),
-        **({"peak_gpu": _stats([r["ours"]["peak_gpu_mb"] / r["trl"]["peak_gpu_mb"] for r in runs])}
-           if "peak_gpu_mb" in runs[0]["ours"] else {}),
-        "val_loss": _stats([r["ours"]["val_loss"] / r["trl"]["val_loss"] for r in runs]),
+    ratios = {  # ours/reference per repetition (side by side), then min/median/max, for each reference run
+        ref: {
+            "speed": _stats([r[ref]["seconds"] / r["ours"]["seconds"] for r in runs]),
+            "peak_rss": _stats([r["ours"]["peak_rss_mb"] / r[ref]["peak_rss_mb"] for r in runs]),
+            **({"peak_gpu": _stats([r["ours"]["peak_gpu_mb"] / r[ref]["peak_gpu_mb"] for r in runs])}
+               if "peak_gpu_mb" in runs[0]["ours"] else {}),
+            "val_loss": _stats([r["ours"]["val_loss"] / r[ref]["val_loss"] for r in runs]),
+        }
+        for ref in REFERENCES if ref in runs[0]
     }
     return {"set": name, "title": SET_TITLES[name], "data": info, "runs": runs, "per_trainer": per, "ratios": ratios}
 
@@ -463,8 +483,8 @@ def _fmt(stats: dict[str, float], digits: int = 1) -> str:
 def markdown(report: dict) -> str:
     lines = [f"Command: `{report['command']}`  ",
              f"Machine: {report['machine']}; load average before/after: {report['load_before']} / {report['load_after']}  ",
-             f"Repetitions: {report['reps']} (alternating, each run a fresh process); medians shown, "
-             "ratios as median [min-max] of per-repetition our/TRL  ",
+             f"Repetitions: {report['reps']} (turns rotating, each run a fresh process); medians shown, "
+             "ratios as median [min-max] of per-repetition ours/reference  ",
              "CPU allocator: ours THP_MEM_ALLOC_ENABLE=1 (as every stage), TRL "
              + ("THP_MEM_ALLOC_ENABLE=1 (--trl-thp)" if report.get("trl_thp") else "PyTorch's default"), ""]
     gpu = report.get("device") == "cuda"
@@ -474,20 +494,26 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for s in report["sets"]:
         d = s["data"]["train"]
-        for trainer, label in (("ours", "tunekit"), ("trl", "TRL SFTTrainer")):
-            p = s["per_trainer"][trainer]
+        for trainer, p in s["per_trainer"].items():
+            label = TRAINERS[trainer]
             lines.append(f"| {s['title']}: {d['rows']} rows, {d['tokens']} tok ({d['trained_tokens']} trained) | {label} | "
                          f"{_fmt(p['seconds'])} | {_fmt(p['tokens_per_s'])} | {_fmt(p['trained_tokens_per_s'])} | "
                          f"{_fmt(p[memory_key], 0)} | {_fmt(p['final_train_loss'], 3)} | {_fmt(p['val_loss'], 3)} |")
-    lines += ["", f"| data set | speed ours/TRL (tok/s) | {memory.replace(' MB', '')} ours/TRL | val loss ours/TRL | "
-              "our FLOP/s (fraction of matmul peak) |", "|---|---|---|---|---|"]
+    lines += ["", f"| data set | against | speed ours/ref (tok/s) | {memory.replace(' MB', '')} ours/ref | "
+              "val loss ours/ref | our FLOP/s (fraction of matmul peak) |", "|---|---|---|---|---|---|"]
     for s in report["sets"]:
-        r = s["ratios"]
         f = s["flops"]
-        lines.append(f"| {s['title']} | {r['speed']['median']:.2f}x [{r['speed']['min']:.2f}-{r['speed']['max']:.2f}] | "
-                     f"{r[ratio_key]['median']:.2f} [{r[ratio_key]['min']:.2f}-{r[ratio_key]['max']:.2f}] | "
-                     f"{r['val_loss']['median']:.3f} [{r['val_loss']['min']:.3f}-{r['val_loss']['max']:.3f}] | "
-                     f"{f['gflops_per_s']:.1f} GFLOP/s ({100 * f['fraction_of_peak']:.0f} %) |")
+        for ref, r in s["ratios"].items():
+            lines.append(f"| {s['title']} | {TRAINERS[ref]} | "
+                         f"{r['speed']['median']:.2f}x [{r['speed']['min']:.2f}-{r['speed']['max']:.2f}] | "
+                         f"{r[ratio_key]['median']:.2f} [{r[ratio_key]['min']:.2f}-{r[ratio_key]['max']:.2f}] | "
+                         f"{r['val_loss']['median']:.3f} [{r['val_loss']['min']:.3f}-{r['val_loss']['max']:.3f}] | "
+                         f"{f['gflops_per_s']:.1f} GFLOP/s ({100 * f['fraction_of_peak']:.0f} %) |")
+    targets = report.get("targets")
+    if targets:
+        lines += ["", "Issue 17's CPU targets (set (a)):  "]
+        lines += [f"- {t['name']}: {t['value']:.2f} against {t['bound']:.2f}: {'met' if t['met'] else 'NOT met'}  "
+                  if t["value"] is not None else f"- {t['name']}: not measured ({t['why']})  " for t in targets]
     p = report["pipeline"]
     peak_label = (f"{report.get('precision', 'fp32')} matmul peak (CUDA, {report.get('matmul_size', 8192)}^3, best of 5)" if gpu
                   else f"fp32 matmul peak ({report['threads']} threads, 2048x2048, best of 5)")
@@ -498,6 +524,26 @@ def markdown(report: dict) -> str:
                                                       + f" (MLflow parent run {p['last_pipeline']['run_name']!r})"
                                                       if "seconds" in p["last_pipeline"] else p["last_pipeline"]["status"])]
     return "\n".join(lines) + "\n"
+
+
+def targets_report(summaries: list[dict]) -> list[dict]:
+    """Issue 17's CPU targets, read off set (a) when it ran (the targets are stated at the --full size)."""
+    variable = next((s for s in summaries if s["set"] == "variable"), None)
+
+    def target(name: str, bound: float, value: float | None, why: str, higher_is_better: bool) -> dict:
+        met = None if value is None else (value >= bound if higher_is_better else value <= bound)
+        return {"name": name, "bound": bound, "value": value, "met": met, "why": why}
+
+    ratios = variable["ratios"] if variable else {}
+    fastest = ratios.get("trl-nogc", {}).get("speed", {}).get("median")
+    memory = ratios.get("trl", {}).get("peak_rss", {}).get("median")
+    fraction = variable["flops"]["fraction_of_peak"] if variable else None
+    return [
+        target("real tokens/s, ours / TRL gradient_checkpointing=False", TARGETS["speed_vs_fastest"], fastest,
+               "needs set (a) and trl-nogc", True),
+        target("peak RSS, ours / TRL defaults", TARGETS["peak_rss_vs_defaults"], memory, "needs set (a) and trl", False),
+        target("our FLOP/s / fp32 matmul peak", TARGETS["fraction_of_peak"], fraction, "needs set (a)", True),
+    ]
 
 
 def _load() -> str:
@@ -512,6 +558,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the issue's sizes: 64 single-turn chats, 32 multi-turn, the pipeline's 400 demo records (~1 h)")
     parser.add_argument("--large", action="store_true", help="16x the --full sizes, for a GPU (an epoch of --full takes ~1 s there)")
     parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+    parser.add_argument("--trainers", nargs="+", choices=tuple(TRAINERS), default=list(TRAINERS),
+                        help="ours and the references to run (default: all); ours is always run")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both trainers run")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA, both trainers")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -525,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trl-thp", action="store_true",
                         help="control: give TRL the allocator setting our stages start with (THP_MEM_ALLOC_ENABLE=1)")
     # child mode (internal)
-    parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=tuple(TRAINERS), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -537,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SIZES["large" if args.large else "full" if args.full else "quick" if args.quick else "default"]
     if args.precision == "bf16" and args.device != "cuda":
         parser.error("--precision bf16 needs --device cuda (tunekit refuses bf16 on the CPU)")
+    trainers = ["ours"] + [t for t in TRAINERS if t != "ours" and t in args.trainers]
     args.model = base_model_dir(args.model)
     load_before = _load()
     print(f"model {args.model}; threads {args.threads}; reps {reps}; load average {load_before}", flush=True)
@@ -552,15 +601,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{SET_TITLES[name]}: train {info['train']}, validation {info['validation']}", flush=True)
             runs = []
             for rep in range(reps):
-                order = ("ours", "trl") if rep % 2 == 0 else ("trl", "ours")
+                order = trainers[rep % len(trainers):] + trainers[:rep % len(trainers)]
                 run = {}
                 for trainer in order:
                     run[trainer] = run_child(trainer, info["dir"], args, work / f"{name}-{rep}-{trainer}.json")
                     r = run[trainer]
-                    print(f"  rep {rep + 1} {trainer:4s}: {r['seconds']:7.1f} s/epoch, "
+                    print(f"  rep {rep + 1} {trainer:8s}: {r['seconds']:7.1f} s/epoch, "
                           f"{info['train']['tokens'] / r['seconds']:6.1f} tok/s, rss {r['peak_rss_mb']:6.0f} MB, "
                           f"train {r['final_train_loss']:.3f}, val {r['val_loss']:.3f}  (load {_load()})", flush=True)
-                runs.append(run)
+                runs.append({t: run[t] for t in trainers})
             summary = summarise(name, info, runs)
             flops = statistics.median([r["ours"]["flops"] / r["ours"]["seconds"] for r in runs])
             summary["flops"] = {"per_epoch": runs[0]["ours"]["flops"], "gflops_per_s": flops / 1e9,
@@ -589,7 +638,8 @@ def main(argv: list[str] | None = None) -> None:
         "matmul_peak_gflops": peak / 1e9, "versions": versions, "model": str(args.model),
         "ours_options": json.loads(args.ours_options or "{}"), "trl_options": json.loads(args.trl_options or "{}"),
         "lora_dropout": args.lora_dropout, "trl_thp": args.trl_thp,
-        "sets": summaries, "pipeline": pipeline,
+        "trainers": trainers, "sets": summaries, "pipeline": pipeline,
+        "targets": targets_report(summaries) if args.device == "cpu" else [],
     }
     table = markdown(report)
     print("\n" + table)

@@ -86,13 +86,17 @@ def test_quick_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_pat
     report = json.loads((tmp_path / "latest.json").read_text())
     assert [s["set"] for s in report["sets"]] == ["variable", "demo"]
     for s in report["sets"]:
-        for trainer in ("ours", "trl"):
+        for trainer in ("ours", "trl", "trl-nogc"):
             p = s["per_trainer"][trainer]
             assert p["tokens_per_s"]["median"] > 0 and p["peak_rss_mb"]["median"] > 0
             assert p["val_loss"]["median"] == p["val_loss"]["median"]  # not NaN
-        assert s["ratios"]["speed"]["median"] > 0 and 0 < s["flops"]["fraction_of_peak"]
+        assert set(s["ratios"]) == {"trl", "trl-nogc"} and 0 < s["flops"]["fraction_of_peak"]
+        assert all(r["speed"]["median"] > 0 and r["peak_rss"]["median"] > 0 for r in s["ratios"].values())
+        assert [r["trl-nogc"]["gradient_checkpointing"] for r in s["runs"]] == [False]
+        assert [r["trl"]["gradient_checkpointing"] for r in s["runs"]] == [True]
+    assert [t["met"] in (True, False) for t in report["targets"]] == [True, True, True]  # measured on set (a)
     table = (tmp_path / "latest.md").read_text()
-    assert "TRL SFTTrainer" in table and "speed ours/TRL" in table
+    assert "gradient_checkpointing=False" in table and "speed ours/ref" in table and "CPU targets" in table
 
 
 def test_cuda_precision_benchmark_smoke_runs_on_the_cpu(tmp_path, capsys):
