@@ -38,7 +38,7 @@ test: $(STAMP)
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
 
-# Operating it (docs/scale-out.md): a Prefect server on loopback, the scheduled deployment served
+# Operating it (docs/operating.md, docs/scale-out.md): a Prefect server on loopback, the scheduled deployment served
 # against it, DVC remote push/pull, and variants as DVC experiments.
 PREFECT_PORT ?= 4200
 PREFECT_URL := http://127.0.0.1:$(PREFECT_PORT)/api

@@ -5,7 +5,7 @@ the MLflow UI's compare-runs page rendered in headless Chromium (screenshot + DO
 
 Chromium comes from Debian (`apt-get install chromium`; .ci/run installs it). Without it the browser
 part is skipped, unless TUNEKIT_REQUIRE_BROWSER=1 (set by .ci/run) makes that a failure.
-TUNEKIT_UPDATE_SCREENSHOT=1 also copies the screenshot to docs/mlflow_compare.png for the README.
+TUNEKIT_UPDATE_SCREENSHOT=1 also copies the screenshot to docs/mlflow_compare.png, shown in docs/tracking.md.
 """
 
 import json

@@ -83,7 +83,7 @@ def stage_run(stage: str, experiment: str, params: Any, tags: dict[str, str] | N
 
     `system_metrics`: sample CPU, memory, disk and network (MLflow's `system/*` metrics) every
     SYSTEM_METRICS_INTERVAL seconds in a background thread, for the long stages (finetune, dapt,
-    evaluate); offline, and it cost no measurable wall time on a 2-core CPU (README). The
+    evaluate); offline, and it cost no measurable wall time on a 2-core CPU (docs/tracking.md). The
     environment variable MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns it off everywhere.
     """
     mlflow = setup_mlflow(experiment)
