@@ -569,6 +569,7 @@ def check_humaneval(problems: Sequence[dict], completions: Sequence[Sequence[str
     """
     if len(problems) != len(completions):
         raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")
+    bwrap_path()  # refuse before starting anything
     jobs = [(i, j, humaneval_program(problem, completion))
             for i, (problem, samples) in enumerate(zip(problems, completions)) for j, completion in enumerate(samples)]
     results: list[list[Result | None]] = [[None] * len(samples) for samples in completions]
