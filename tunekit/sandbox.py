@@ -56,7 +56,9 @@ INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; 
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user")
 _MAX_RESULT_BYTES = 64 * 1024
 _MAX_STDERR_BYTES = 16 * 1024
-_MAX_THREADS = 256  # RLIMIT_NPROC; as the host's nobody it counts every sandbox's threads together
+# RLIMIT_NPROC. As root the sandboxes all run as the host's nobody, so this bounds their threads
+# together (numpy's BLAS starts one per core in each); RLIMIT_AS bounds one program's far lower.
+_MAX_THREADS = 1024
 _MAX_OPEN_FILES = 64
 
 
