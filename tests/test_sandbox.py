@@ -555,6 +555,12 @@ def test_without_bwrap_the_sandbox_refuses_and_says_how_to_install_it(tmp_path, 
     problem = load_humaneval(limit=1)[0]
     with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
         check_humaneval([problem], [[problem["canonical_solution"]]])
+    # Ubuntu 22.04's bubblewrap (0.6.1) lacks --size and --disable-userns: refused by name, not by a bwrap usage error.
+    old = tmp_path / "bwrap"
+    old.write_text("#!/bin/sh\necho 'bubblewrap 0.6.1'\n")
+    old.chmod(0o755)
+    with pytest.raises(SandboxUnavailable, match=r"bubblewrap 0\.6\.1; the sandbox needs 0\.8\.0 or later"):
+        run_program("pass")
     assert psutil.Process().children(recursive=True) == []
 
 

@@ -31,10 +31,12 @@ weaker fallback. What this guarantees and what it does not: docs/sandbox.md.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import math
 import os
+import re
 import secrets
 import select
 import shutil
@@ -54,6 +56,7 @@ SANDBOX_UID = SANDBOX_GID = 65534  # nobody / nogroup
 INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap); "
                 "see docs/sandbox.md")
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user")
+BWRAP_MIN_VERSION = (0, 8, 0)
 _MAX_RESULT_BYTES = 64 * 1024
 _MAX_STDERR_BYTES = 16 * 1024
 # RLIMIT_NPROC. As root the sandboxes all run as the host's nobody, so this bounds their threads
@@ -324,7 +327,22 @@ def bwrap_path() -> str:
     if path is None:
         raise SandboxUnavailable(f"the sandbox for model-written code needs bubblewrap, and no `bwrap` is on PATH: "
                                  f"{INSTALL_HINT}")
+    version = _bwrap_version(path)
+    if version < BWRAP_MIN_VERSION:
+        wanted = ".".join(map(str, BWRAP_MIN_VERSION))
+        raise SandboxUnavailable(f"{path} is bubblewrap {'.'.join(map(str, version)) or '(unknown version)'}; the sandbox "
+                                 f"needs {wanted} or later (--size, --disable-userns): {INSTALL_HINT}")
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_version(path: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    found = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in found.groups()) if found else ()
 
 
 def _readonly_trees() -> list[str]:
