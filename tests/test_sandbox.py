@@ -211,6 +211,25 @@ def test_the_kernel_refuses_forks_even_without_the_audit_hook():
     assert signals.reason == "failed: PermissionError: [Errno 1] Operation not permitted"
 
 
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers of x86-64")
+def test_the_kernel_refuses_keyrings_bpf_perf_userfaultfd_and_io_uring():
+    # Without the hook, ctypes reaches the syscalls directly: seccomp answers EPERM to each.
+    calls = {"add_key": 248, "keyctl": 250, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+             "io_uring_setup": 425, "fsopen": 430}
+    program = textwrap.dedent(f"""
+    import ctypes, errno
+    libc = ctypes.CDLL(None, use_errno=True)
+    answers = {{}}
+    for name, number in {calls!r}.items():
+        ctypes.set_errno(0)
+        answers[name] = (libc.syscall(number, 0, 0, 0, 0, 0), ctypes.get_errno())
+    assert answers == {{name: (-1, errno.EPERM) for name in answers}}, answers
+    assert libc.syscall(39) > 0  # getpid: ordinary calls still work
+    """)
+    result = run_program(program, _audit_hook=False)
+    assert result.passed, result.reason
+
+
 def test_open_files_threads_and_file_sizes_are_capped():
     files = run_program("handles = [open(f'f{i}', 'w') for i in range(200)]\n", _audit_hook=False)
     assert files.reason.startswith("failed: OSError: [Errno 24] Too many open files"), files.reason
