@@ -132,6 +132,11 @@ def test_what_the_program_sees_only_the_python_tree_read_only_and_its_own_proces
             pass
     assert writable == [], writable
     assert open('probe', 'w').write('ok') == 2  # only the working directory takes writes
+    try:  # the host's own /dev/null, bound in: as root mapped into a user namespace this would work
+        os.chmod('/dev/null', 0o666)
+        raise AssertionError('the sandbox owns the host /dev/null')
+    except PermissionError:
+        pass
     pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())
     assert pids == [1, os.getpid()], pids  # bwrap's reaper and this process, nothing of the host
     assert os.getresuid() == ({SANDBOX_UID},) * 3 and os.getresgid() == ({SANDBOX_UID},) * 3
