@@ -115,13 +115,18 @@ os._exit(0)
 
 
 def test_what_the_program_sees_only_the_python_tree_read_only_and_its_own_processes():
+    # A virtual environment inside the project (make setup's .venv) is bound, and so is the empty
+    # directory above it; nothing else of the project.
+    venv_in_project = [Path(sys.prefix).relative_to(PROJECT).parts[0]] if Path(sys.prefix).is_relative_to(PROJECT) else []
     program = textwrap.dedent(f"""
     import os, sys
-    invisible = [{str(PROJECT)!r}, {str(PROJECT / 'tunekit' / 'sandbox.py')!r}, {str(PROJECT / 'params.yaml')!r},
-                 '/etc/passwd', '/etc/hostname', '/work/shared', '/home', '/var', '/boot', '/root/.bashrc',
-                 '/root/.ssh', '/sys/kernel', '/run']
+    invisible = [{str(PROJECT / 'tunekit' / 'sandbox.py')!r}, {str(PROJECT / 'params.yaml')!r},
+                 {str(PROJECT / 'dvc.yaml')!r}, '/etc/passwd', '/etc/hostname', '/work/shared', '/home', '/var',
+                 '/boot', '/root/.bashrc', '/root/.ssh', '/sys/kernel', '/run']
     seen = [path for path in invisible if os.path.exists(path)]
     assert seen == [], seen
+    if os.path.exists({str(PROJECT)!r}):
+        assert os.listdir({str(PROJECT)!r}) == {venv_in_project!r}, os.listdir({str(PROJECT)!r})
     writable = []
     for place in ['/', '/tmp', '/dev', '/dev/shm', '/proc', '/usr/lib', sys.prefix, sys.base_prefix,
                   os.path.dirname(os.__file__)]:
@@ -592,7 +597,7 @@ def test_without_bwrap_the_sandbox_refuses_and_says_how_to_install_it(tmp_path, 
 def test_when_user_namespaces_are_refused_the_sandbox_refuses_to_run():
     # An outer bwrap that forbids further user namespaces: the unprivileged path cannot build its own.
     outer = ["bwrap", "--unshare-user", "--disable-userns", "--uid", "1000", "--gid", "1000", "--bind", "/", "/",
-             "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--chdir", str(PROJECT), "--", sys.executable, "-c",
+             "--dev", "/dev", "--proc", "/proc", "--chdir", str(PROJECT), "--", sys.executable, "-c",
              "from tunekit.sandbox import SandboxUnavailable, run_program\n"
              "try:\n    run_program('pass')\nexcept SandboxUnavailable as error:\n    print(error)\n"]
     done = subprocess.run(outer, capture_output=True, text=True, timeout=60)
