@@ -114,7 +114,7 @@ def _main():
         os.setgid(gid)
         os.setuid(uid)
     if set(os.getresuid()) != {uid} or set(os.getresgid()) != {gid}:
-        report("crashed", f"sandbox: still uid {os.getresuid()} gid {os.getresgid()}, not {uid}")
+        report("unavailable", f"still uid {os.getresuid()} gid {os.getresgid()} after switching to {uid}")
         _exit(0)
     layers.append("nobody")
     for name, host_inode in config["host_namespaces"].items():
@@ -143,7 +143,7 @@ def _main():
     libc = ctypes.CDLL(None, use_errno=True)
     if config["seccomp"]:
         if not _install_seccomp(ctypes, libc):
-            report("crashed", "sandbox: the seccomp filter could not be installed")
+            report("unavailable", "the seccomp filter could not be installed")
             _exit(0)
         layers.append("seccomp")
     del libc
@@ -242,7 +242,8 @@ def _main():
         sys.addaudithook(hook)
         layers.append("audit")
 
-    # 5. the program
+    # 5. the program (anything it sends from here on, forged or not, cannot mark the sandbox unavailable)
+    report("ready")
     try:
         code = compile(config["program"], "<sandbox>", "exec")
         exec(code, {"__name__": "__sandbox__", "__builtins__": builtins})
@@ -325,26 +326,31 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _pidfd_of_child(pid: int) -> int | None:
-    """A pidfd on the only child of the live process `pid` (bwrap's PID-namespace init), or None."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            children = [int(child) for child in handle.read().split()]
-    except (OSError, ValueError):
-        return None  # bwrap has exited, and so has its child, which it reaps
-    for child in children:
-        try:
-            fd = os.pidfd_open(child)
-        except OSError:
+def _sandbox_init(info_fd: int, bwrap_pidfd: int, deadline: float) -> int | None:
+    """A pidfd on bwrap's PID-namespace init, read from --info-fd while --block-fd holds the sandbox
+    back (so the init is certainly alive), or None if bwrap failed before it got there."""
+    data = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([info_fd, bwrap_pidfd], [], [], max(0.0, deadline - time.monotonic()))
+        if info_fd not in ready:
+            if bwrap_pidfd in ready:
+                return None
             continue
-        try:  # still bwrap's child, not a new process that got a recycled pid
-            with open(f"/proc/{child}/stat") as handle:
-                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            parent = -1
-        if parent == pid:
+        chunk = os.read(info_fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    try:
+        info = json.loads(data)
+        fd = os.pidfd_open(int(info["child-pid"]))
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    try:  # the init of this sandbox's PID namespace, not a process that got a recycled pid
+        if os.stat(f"/proc/{info['child-pid']}/ns/pid").st_ino == info.get("pid-namespace"):
             return fd
-        os.close(fd)
+    except OSError:
+        pass
+    os.close(fd)
     return None
 
 
@@ -451,9 +457,12 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, *, c
     started = time.monotonic()
     nonce = secrets.token_hex(16)
     workdir = f"/tmp/{SANDBOX_MARKER}-{nonce[:12]}"  # inside the sandbox only
-    command = _bwrap_command(workdir, int(disk_mb) * 1024 * 1024, _netns, _extra_readonly)
-    command += ["--", sys.executable, "-I", "-B", "-c", RUNNER, workdir]
     result_r, result_w = os.pipe()
+    info_r, info_w = os.pipe()  # bwrap reports its PID namespace's init here, then waits on block_r
+    block_r, block_w = os.pipe()
+    command = _bwrap_command(workdir, int(disk_mb) * 1024 * 1024, _netns, _extra_readonly)
+    command += ["--info-fd", str(info_w), "--block-fd", str(block_r)]
+    command += ["--", sys.executable, "-I", "-B", "-c", RUNNER, workdir]
     stderr_file = tempfile.TemporaryFile(prefix=f"{SANDBOX_MARKER}-stderr-")
     config = {
         "program": program, "nonce": nonce, "result_fd": result_w, "workdir": workdir,
@@ -464,23 +473,31 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, *, c
         "seccomp": _seccomp, "audit": _audit_hook,
     }
     proc = None
+    init = None
     timed_out = False
     data = b""
     try:
         # bwrap gets a clean environment too: its own /proc/1/environ is visible inside.
         proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr_file, pass_fds=(result_w,),
-            env={"PATH": "/usr/bin:/bin"}, umask=0o022, start_new_session=True, close_fds=True)
-        os.close(result_w)
-        result_w = -1
+            command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr_file,
+            pass_fds=(result_w, info_w, block_r), env={"PATH": "/usr/bin:/bin"}, umask=0o022, start_new_session=True,
+            close_fds=True)
+        for fd in (result_w, info_w, block_r):
+            os.close(fd)
+        result_w = info_w = block_r = -1
         pidfd = os.pidfd_open(proc.pid)
+        deadline = started + timeout
         try:
+            init = _sandbox_init(info_r, pidfd, deadline)
+            try:
+                os.write(block_w, b"go")
+            except BrokenPipeError:
+                pass
             try:
                 proc.stdin.write(json.dumps(config).encode("utf-8"))
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
-            deadline = started + timeout
             reading = True
             while True:
                 left = deadline - time.monotonic()
@@ -500,8 +517,8 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, *, c
         finally:
             # bwrap (dead or alive) still holds its pid, so its group id cannot have been reused yet.
             # Killing its PID namespace's init takes every sandboxed process along; that init's exit
-            # completes only once they are all gone, so waiting for it leaves nothing running.
-            init = _pidfd_of_child(proc.pid)
+            # completes only once they are all gone (bwrap itself may exit before it), so waiting
+            # for it leaves nothing running.
             _kill_group(proc.pid)
             if init is not None:
                 try:
@@ -509,7 +526,6 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, *, c
                 except ProcessLookupError:
                     pass
                 select.select([init], [], [], 10)
-                os.close(init)
             os.close(pidfd)
         proc.wait()
         while True:  # whatever the child wrote before it died
@@ -525,26 +541,34 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, *, c
             _kill_group(proc.pid)
             proc.kill()
             proc.wait()
-        if result_w != -1:
-            os.close(result_w)
+        for fd in (result_w, info_w, block_r, info_r, block_w) + ((init,) if init is not None else ()):
+            if fd != -1:
+                os.close(fd)
         os.close(result_r)
         stderr_file.seek(0)
         stderr = stderr_file.read(_MAX_STDERR_BYTES).decode("utf-8", "replace")
         stderr_file.close()
 
-    runner_started = False
+    runner_started = ready = False
     message = None
     for line in data.decode("utf-8", "replace").splitlines():
         try:
             parsed = json.loads(line)
         except ValueError:
             continue
-        if isinstance(parsed, dict) and parsed.get("nonce") == nonce:
-            if parsed.get("status") == "started":
-                runner_started = True
-            else:
-                message = parsed
-                break
+        if not isinstance(parsed, dict) or parsed.get("nonce") != nonce:
+            continue
+        status = parsed.get("status")
+        if status == "started":
+            runner_started = True
+        elif status == "ready":
+            ready = True
+        elif status == "unavailable" and not ready:
+            raise SandboxUnavailable(f"the sandbox could not lock itself down: {parsed.get('detail', '')}. "
+                                     f"See docs/sandbox.md for its requirements.")
+        elif ready:
+            message = parsed
+            break
     duration = time.monotonic() - started
     layers = tuple(message.get("layers", ())) if message else ()
     common = dict(duration_s=duration, layers=layers, pid=proc.pid, workdir=workdir, stderr=stderr)
