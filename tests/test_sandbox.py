@@ -619,7 +619,13 @@ print(json.dumps([[r.reason, sorted(r.layers)] for r in results]))
 """
 
 
-@pytest.mark.skipif(not IS_ROOT or shutil.which("unshare") is None, reason="plays a non-root user with unshare as root")
+def unshare_maps_users() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return "--map-user" in subprocess.run(["unshare", "--help"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(not IS_ROOT or not unshare_maps_users(), reason="plays a non-root user with unshare as root")
 def test_as_a_user_other_than_root_the_sandbox_uses_a_user_namespace():
     # What a developer's machine does: bwrap runs unprivileged and builds a user namespace.
     done = subprocess.run(["unshare", "--user", "--map-user=1000", "--map-group=1000", "--pid", "--fork",
