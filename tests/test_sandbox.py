@@ -248,6 +248,10 @@ def test_open_files_threads_and_file_sizes_are_capped():
     assert threads.reason == "failed: RuntimeError: can't start new thread", threads.reason
     big = run_program("open('big.bin', 'wb').write(b'x' * (17 << 20))\n", fsize_mb=16)
     assert big.reason == "failed: OSError: [Errno 27] File too large", big.reason  # Python ignores SIGXFSZ
+    # stderr is the one host file the program writes to (kept for the result): the same cap holds
+    chatty = run_program("import sys\nfor _ in range(40):\n    sys.stderr.write('x' * (1 << 20))\n    sys.stderr.flush()\n",
+                         fsize_mb=16)
+    assert chatty.reason == "failed: OSError: [Errno 27] File too large", chatty.reason
     assert_cleaned_up(big)
 
 
