@@ -93,7 +93,7 @@ class Sizes:
 
 
 GPU_SIZES = Sizes(LLAMA_1B, LLAMA_8B, train_rows=384, val_rows=32, max_length=2048, batch_size=8, qlora_batch_size=2,
-                  qlora_warmup=2, qlora_steps=6, prompts=64, max_new_tokens=128, generate_batch_size=16)
+                  qlora_warmup=2, qlora_steps=6, prompts=64, max_new_tokens=64, generate_batch_size=16)
 TINY_SIZES = Sizes(TINY_1B, TINY_8B, train_rows=8, val_rows=4, max_length=512, batch_size=4, qlora_batch_size=2,
                    qlora_warmup=1, qlora_steps=2, prompts=6, max_new_tokens=8, generate_batch_size=4)
 
