@@ -34,14 +34,15 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,33 +134,35 @@ def write_random_checkpoint(shape: dict, out: Path, tokenizer_dir: Path, device:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen = torch.Generator(device=device).manual_seed(seed)
-    shards: list[dict] = [{}]
+
+    def value(shape_: tuple[int, ...]) -> torch.Tensor:
+        if len(shape_) == 1:  # RMSNorm weights
+            return torch.ones(shape_, dtype=torch.bfloat16)
+        return (torch.randn(shape_, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
+
+    # Shards planned from the shapes first (each file name holds the shard count), then filled and written one by one.
+    plan: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = total = 0
     for name, shape_ in tensors:
-        if len(shape_) == 1:  # RMSNorm weights
-            value = torch.ones(shape_, dtype=torch.bfloat16)
-        else:
-            value = (torch.randn(shape_, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
-        nbytes = value.numel() * value.element_size()
+        nbytes = 2 * math.prod(shape_)
         if size and size + nbytes > shard_bytes:
-            shards.append({})
+            plan.append([])
             size = 0
-        shards[-1][name] = value
+        plan[-1].append((name, shape_))
         size += nbytes
         total += nbytes
     weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-        shard.clear()
+    for i, group in enumerate(plan):
+        file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        save_file({name: value(shape_) for name, shape_ in group}, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name, _ in group})
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2), encoding="utf-8")
     config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return {"seconds": time.perf_counter() - start, "bytes": total, "parameters": total // 2, "shards": len(shards)}
+    return {"seconds": time.perf_counter() - start, "bytes": total, "parameters": total // 2, "shards": len(plan)}
 
 
 def tokenizer_source(requested: Path | None, work: Path) -> Path:
@@ -187,7 +190,7 @@ def tokenizer_source(requested: Path | None, work: Path) -> Path:
 # ---------------------------------------------------------------- child processes: qlora and generate
 
 
-def _marks(device) -> tuple[list[float], callable]:
+def _marks(device) -> tuple[list[float], Callable]:
     import torch
 
     marks: list[float] = []
@@ -273,18 +276,6 @@ def child_generate(args) -> dict:
     out: dict = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                  "rows": []}
 
-    def counting(model) -> list[int]:
-        counts: list[int] = []
-        original = model.generate
-
-        def generate_and_count(*a, **k):
-            result = original(*a, **k)
-            counts.append(_new_tokens(result, k["input_ids"].shape[1], stops))
-            return result
-
-        model.generate = generate_and_count
-        return counts
-
     def plain(model) -> list[str]:
         tokenizer.padding_side = "left"
         texts = []
@@ -297,29 +288,40 @@ def child_generate(args) -> dict:
                       for row in result[:, enc["input_ids"].shape[1]:]]
         return texts
 
-    def timed(label: str, model, run) -> list[str]:
-        counts = counting(model)
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            texts = run(model)
-        sync()
-        seconds = time.perf_counter() - start
+    reference: list[str] = []  # the first run's outputs (our harness, float32: what the evaluate stage scores)
+
+    def timed(label: str, model, run) -> None:
+        counts: list[int] = []
+        original = model.generate
+
+        def generate_and_count(*a, **k):
+            result = original(*a, **k)
+            counts.append(_new_tokens(result, k["input_ids"].shape[1], stops))
+            return result
+
+        model.generate = generate_and_count
+        try:
+            sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                texts = run(model)
+            sync()
+            seconds = time.perf_counter() - start
+        finally:
+            del model.generate  # the class's method again
+        reference[:] = reference or texts
         out["rows"].append({"label": label, "seconds": seconds, "new_tokens": sum(counts),
-                            "tokens_per_s": sum(counts) / seconds})
-        return texts
+                            "tokens_per_s": sum(counts) / seconds,
+                            "same_outputs": sum(a == b for a, b in zip(texts, reference))})
 
     harness = lambda model: generate(model, tokenizer, prompts, eot, args.max_new_tokens, args.batch_size)  # noqa: E731
     for dtype in ("float32", "bfloat16"):  # the evaluate stage's float32, and bf16 weights as a lever
         model = load_causal_lm(Path(args.model), dtype=dtype, device=device).eval()
         with torch.no_grad():  # CUDA start-up and kernel selection out of the timings
             generate(model, tokenizer, prompts[: args.batch_size], eot, 4, args.batch_size)
-        ours = timed(f"tunekit.generate ({dtype})", model, harness)
+        timed(f"tunekit.generate ({dtype})", model, harness)
         if dtype == "float32":
-            reference = ours
-            base = timed("model.generate, prompts in order (float32)", model, plain)
-            out["rows"][-1]["same_outputs"] = sum(a == b for a, b in zip(base, reference))
-        out["rows"][-2 if dtype == "float32" else -1]["same_outputs"] = sum(a == b for a, b in zip(ours, reference))
+            timed("model.generate, prompts in order (float32)", model, plain)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -391,6 +393,15 @@ class Budget:
         return None if left < 0.6 * wanted else min(wanted, left)
 
 
+def _why(part: dict) -> str:
+    """One table-safe line saying why a run or part has no figures: skipped, or its failure's first and last lines."""
+    if part.get("skipped"):
+        return part["skipped"]
+    lines = [line.strip() for line in part.get("error", "no result").splitlines() if line.strip()]
+    text = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+    return "failed: " + text.replace("|", "/")[:300]
+
+
 def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -401,7 +412,8 @@ def _memory(r: dict) -> float:
 
 def training_row(r: dict, info: dict, flops: float | None, peak: float) -> dict:
     train = info["train"]
-    return {"seconds": r["seconds"], "steps": r["steps"], "tokens_per_s": train["tokens"] / r["seconds"],
+    return {"seconds": r["seconds"], "process_seconds": r["process_seconds"], "steps": r["steps"],
+            "tokens_per_s": train["tokens"] / r["seconds"],
             "trained_tokens_per_s": train["trained_tokens"] / r["seconds"],
             "peak_gpu_mb": r.get("peak_gpu_mb"), "peak_rss_mb": r["peak_rss_mb"], "val_loss": r["val_loss"],
             "final_train_loss": r["final_train_loss"],
@@ -453,16 +465,15 @@ def markdown(report: dict) -> str:
                   f"validation {d['validation']['rows']} rows; batch {report['sizes']['batch_size']}.  ", ""]
     lora = report["parts"].get("lora")
     if lora:
-        lines += ["| trainer | s/epoch | real tok/s | trained tok/s | peak GPU MB | peak RSS MB | val loss | MFU |",
+        lines += ["| trainer | s/epoch (process) | real tok/s | trained tok/s | peak GPU MB | peak RSS MB | val loss | MFU |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, r in lora["runs"].items():
             if "tokens_per_s" not in r:
-                lines.append(f"| {bench.TRAINERS[name]} | {r.get('skipped') or 'failed: ' + r.get('error', '')[:120]} |"
-                             " | | | | | |")
+                lines.append(f"| {bench.TRAINERS[name]} | {_why(r)} | | | | | | |")
                 continue
             gpu = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") is not None else "-"
             mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
-            lines.append(f"| {bench.TRAINERS[name]} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
+            lines.append(f"| {bench.TRAINERS[name]} | {r['seconds']:.1f} ({r['process_seconds']:.0f}) | {r['tokens_per_s']:.0f} | "
                          f"{r['trained_tokens_per_s']:.0f} | {gpu} | {r['peak_rss_mb']:.0f} | {r['val_loss']:.3f} | {mfu} |")
         lines += ["", "Targets (issue 17):  "]
         lines += [f"- {t['name']}: {t['value']:.2f} against {t['bound']:.2f}: {'met' if t['met'] else 'NOT met'}  "
@@ -482,7 +493,7 @@ def markdown(report: dict) -> str:
                       f"target within {TARGETS['qlora_peak_gb']:.0f} GB: "
                       + ({True: "met", False: "NOT met", None: "not evaluated on the CPU"}[qlora.get("met")]) + "  ", ""]
         else:
-            lines += [f"QLoRA: {qlora.get('skipped') or 'failed: ' + qlora.get('error', '')[:300]}", ""]
+            lines += [f"QLoRA: {_why(qlora)}", ""]
     gen = report["parts"].get("generate")
     if gen:
         if "result" in gen:
@@ -493,7 +504,7 @@ def markdown(report: dict) -> str:
                       f"{r.get('same_outputs', '-')}/{g['prompts']} |" for r in g["rows"]]
             lines += [f"vLLM: {g['vllm']}" if "vllm" in g else "", ""]
         else:
-            lines += [f"Generation: {gen.get('skipped') or 'failed: ' + gen.get('error', '')[:300]}", ""]
+            lines += [f"Generation: {_why(gen)}", ""]
     levers = report["parts"].get("levers")
     if levers:
         ref = levers.get("against")
@@ -501,7 +512,7 @@ def markdown(report: dict) -> str:
                   f"speed / {ref or 'TRL'} | memory / {ref or 'TRL'} |", "|---|---|---|---|---|---|---|---|---|"]
         for r in levers["runs"]:
             if "tokens_per_s" not in r:
-                lines.append(f"| {r['label']} | {r.get('skipped') or 'failed: ' + r.get('error', '')[:120]} | | | | | | | |")
+                lines.append(f"| {r['label']} | {_why(r)} | | | | | | | |")
                 continue
             gpu = f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") is not None else "-"
             mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "-"
@@ -629,8 +640,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if "qlora" in args.parts:
             part = report["parts"]["qlora"] = {}
-            timeout = budget.cap(CAPS["qlora"])
-            if timeout is None:
+            if budget.cap(CAPS["qlora"]) is None:
                 part["skipped"] = f"not run: {budget.left():.0f} s of the budget left"
             else:
                 try:

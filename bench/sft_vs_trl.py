@@ -617,8 +617,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large", action="store_true", help="16x the --full sizes, for a GPU (an epoch of --full takes ~1 s there)")
     parser.add_argument("--sets", nargs="+", choices=ALL_SETS, default=list(SETS),
                         help="data sets (default: all but long, whose chats need --max-length 2048)")
-    parser.add_argument("--trainers", nargs="+", choices=tuple(TRAINERS), default=list(TRAINERS),
-                        help="ours and the references to run (default: all); ours is always run")
+    parser.add_argument("--trainers", nargs="+", choices=tuple(TRAINERS), default=None,
+                        help="ours and the references to run (default: all that run on --device); ours is always run")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both trainers run")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA, both trainers")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -645,7 +645,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SIZES["large" if args.large else "full" if args.full else "quick" if args.quick else "default"]
     if args.precision == "bf16" and args.device != "cuda":
         parser.error("--precision bf16 needs --device cuda (tunekit refuses bf16 on the CPU)")
-    trainers = ["ours"] + [t for t in TRAINERS if t != "ours" and t in args.trainers]
+    asked = args.trainers or [t for t in TRAINERS if t not in CUDA_ONLY or args.device == "cuda"]
+    trainers = ["ours"] + [t for t in TRAINERS if t != "ours" and t in asked]
     for trainer in trainers:
         if trainer in CUDA_ONLY and args.device != "cuda":
             parser.error(f"trainer {trainer} needs --device cuda: {CUDA_ONLY[trainer]}")

@@ -193,3 +193,28 @@ def test_gpu_suite_smoke_runs_every_part_on_the_cpu(smollm2_tokenizer, tmp_path)
     assert all(r["tokens_per_s"] > 0 for r in ran)
     table = (tmp_path / "out" / "latest.md").read_text()
     assert "QLoRA, Llama-3.1-8B's shape" in table and "| lever (ours) |" in table and "(complete)" in table
+
+
+def test_gpu_targets_read_the_strongest_trl_run_and_failed_runs_stay_one_table_row():
+    suite = _gpu_suite()
+    runs = {"ours": {"tokens_per_s": 13000.0, "peak_gpu_mb": 11000.0, "peak_rss_mb": 3000.0},
+            "trl-best": {"tokens_per_s": 10000.0, "peak_gpu_mb": 10000.0, "peak_rss_mb": 3000.0},
+            "trl": {"tokens_per_s": 8000.0, "peak_gpu_mb": 9000.0, "peak_rss_mb": 3000.0}}
+    speed, memory = suite.lora_targets(runs, "cuda")
+    assert "trl-best" in speed["name"] and speed["value"] == pytest.approx(1.3) and speed["met"]
+    assert memory["value"] == pytest.approx(1.1) and not memory["met"]
+    assert suite.lora_targets(runs, "cpu")[0]["met"] is None
+    assert suite.lora_targets({"ours": runs["ours"], "trl": {"error": "boom"}}, "cuda")[0]["why"] == "needs ours and a TRL run"
+    report = {"command": "c", "date": "d", "machine": "m", "device": "cuda", "precision": "bf16", "peak_label": "p",
+              "matmul_peak_tflops": 790.0, "preflight": {"packages": {}}, "sizes": {"batch_size": 8}, "skipped": [],
+              "wall_seconds": 1.0, "budget_seconds": 480.0,
+              "parts": {"lora": {"runs": {"ours": {"error": "ours run failed (exit 1):\nTraceback\nOutOfMemoryError: | x"},
+                                          "trl": {"skipped": "not run: 10 s of the budget left"}},
+                                 "targets": suite.lora_targets({}, "cuda")},
+                        "qlora": {"error": "RuntimeError: qlora killed at its time cap of 170 s:\nlog"}}}
+    table = suite.markdown(report)
+    row = next(line for line in table.splitlines() if line.startswith("| tunekit |"))
+    assert row.count("|") == 9 and "OutOfMemoryError: / x" in row  # the first and last lines, pipes escaped
+    assert "| TRL SFTTrainer (defaults: gradient checkpointing) | not run: 10 s of the budget left |" in table
+    assert "QLoRA: failed: RuntimeError: qlora killed at its time cap of 170 s: ... log" in table
+    assert "(still running or cut off)" in table
