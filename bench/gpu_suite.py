@@ -452,7 +452,7 @@ def lora_targets(runs: dict, device: str) -> list[dict]:
 def markdown(report: dict) -> str:
     lines = [f"Command: `{report['command']}`  ", f"Date: {report['date']}; machine: {report['machine']}  ",
              f"Device: {report.get('gpu', report['device'])}, precision {report['precision']}; "
-             f"{report['peak_label']}: {report['matmul_peak_tflops']:.1f} TFLOP/s  "]
+             f"{report['peak_label']}: {report['matmul_peak_tflops']:.3g} TFLOP/s  "]
     versions = ", ".join(f"{k} {v['version']}" for k, v in report["preflight"]["packages"].items() if v["imports"])
     lines += [f"Installed: {versions}  ", ""]
     setup = report.get("setup")
@@ -487,7 +487,7 @@ def markdown(report: dict) -> str:
             memory = (f"peak {q['peak_gpu_mb'] * gb:.2f} GB allocated ({q['peak_gpu_reserved_mb'] * gb:.2f} GB reserved), "
                       f"{q['gpu_mb_after_load'] * gb:.2f} GB after loading" if "peak_gpu_mb" in q else "no GPU memory on the CPU")
             lines += [f"QLoRA, Llama-3.1-8B's shape ({_count(b['parameters'])} parameters): checkpoint written in "
-                      f"{b['seconds']:.0f} s ({b['bytes'] / 2**30:.1f} GiB bf16, {b['shards']} shards), loaded in 4-bit by the qlora "
+                      f"{b['seconds']:.0f} s ({b['bytes'] / 1e9:.3g} GB bf16, {b['shards']} shards), loaded in 4-bit by the qlora "
                       f"method in {q['load_seconds']:.0f} s; {q['steps']} timed steps of batch {report['sizes']['qlora_batch_size']}: "
                       f"{q['real_tokens_per_s']:.0f} real tok/s, {q['trained_tokens_per_s']:.0f} trained tok/s; {memory}; "
                       f"target within {TARGETS['qlora_peak_gb']:.0f} GB: "
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
         "matmul_peak_tflops": peak / 1e12, "preflight": checked, "tiny": args.tiny,
         "sizes": {k: v for k, v in dataclasses.asdict(sizes).items()}, "budget_seconds": args.budget,
         "targets": TARGETS, "parts": {}, "skipped": [], "complete": False}
-    print(f"matmul peak {peak / 1e12:.1f} TFLOP/s; budget {args.budget:.0f} s", flush=True)
+    print(f"matmul peak {peak / 1e12:.3g} TFLOP/s; budget {args.budget:.0f} s", flush=True)
     out = args.out
     work = args.work or Path(tempfile.mkdtemp(prefix="tunekit-gpu-suite-"))
     work.mkdir(parents=True, exist_ok=True)

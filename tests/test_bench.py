@@ -171,8 +171,9 @@ def test_gpu_suite_smoke_runs_every_part_on_the_cpu(smollm2_tokenizer, tmp_path)
 
     suite = _gpu_suite()
     smollm2_tokenizer.save_pretrained(tmp_path / "tok")
+    # A budget no slow machine reaches: every part must run here (the default 480 s is sized for the H200).
     suite.main(["--tiny", "--trainers", "ours", "trl-best", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
-                "--tokenizer", str(tmp_path / "tok")])
+                "--tokenizer", str(tmp_path / "tok"), "--budget", "3600"])
     report = json.loads((tmp_path / "out" / "latest.json").read_text())
     assert report["complete"] and report["device"] == "cpu" and report["preflight"]["packages"]["torch"]["imports"]
     lora = report["parts"]["lora"]["runs"]
