@@ -12,7 +12,8 @@ Two references, each in its own processes: TRL with its defaults (`trl`: full-la
 on) and TRL's fastest valid CPU setting (`trl-nogc`: the same with gradient_checkpointing=False, what a user
 with memory to spare runs). Our speed is compared with both; our memory with the defaults'. On a GPU a third:
 TRL's strongest valid setting there (`trl-best`: gradient checkpointing, padding_free=True and
-use_liger_kernel=True; refused on the CPU, where liger-kernel's Triton kernels do not run). bench/gpu_suite.py
+use_liger_kernel=True; refused on the CPU, where liger-kernel's Triton kernels do not run), and the same
+without Liger (`trl-padfree`, which runs on the CPU too). bench/gpu_suite.py
 drives these on one GPU within a fixed time budget (bench/GPU.md).
 
 Both trainers get the same rows: the template stage's functions (stages.template.encode_split) render,
@@ -77,10 +78,13 @@ TRAINERS = {
     "trl": "TRL SFTTrainer (defaults: gradient checkpointing)",
     "trl-nogc": "TRL SFTTrainer, gradient_checkpointing=False",
     "trl-best": "TRL SFTTrainer, gradient checkpointing + padding_free + Liger kernels",
+    "trl-padfree": "TRL SFTTrainer, gradient checkpointing + padding_free (no Liger)",
 }
 # Trainers that cannot run on the CPU, and why (the refusal names the alternative).
 CUDA_ONLY = {"trl-best": "use_liger_kernel needs liger-kernel's Triton kernels, which run on GPUs only; "
                          "on the CPU compare with trl and trl-nogc"}
+# Run only when named in --trainers (bench/gpu_suite.py's fallback when trl-best fails).
+OPT_IN = {"trl-padfree"}
 REFERENCES = tuple(t for t in TRAINERS if t != "ours")
 # Issue 17's CPU targets on set (a): speed against TRL's fastest setting, memory against its defaults,
 # and our achieved FLOP/s as a share of the measured matmul peak.
@@ -357,9 +361,10 @@ def child_trl(args, train_rows, val_rows) -> dict:
     options = json.loads(args.trl_options or "{}")
     if args.child == "trl-nogc":  # TRL's fastest valid CPU setting: nothing recomputed
         options.setdefault("gradient_checkpointing", False)
-    if args.child == "trl-best":  # its strongest valid GPU setting; gradient checkpointing stays TRL's default (on)
-        refuse_cuda_only(args.child, args.device)
+    if args.child in ("trl-best", "trl-padfree"):  # gradient checkpointing stays TRL's default (on)
         options.setdefault("padding_free", True)
+    if args.child == "trl-best":  # its strongest valid GPU setting
+        refuse_cuda_only(args.child, args.device)
         options.setdefault("use_liger_kernel", True)
     # Padding-free TRL refuses a max_length without packing (it would not enforce it); the rows are already
     # cut to --max-length by the template functions, so nothing longer arrives.
@@ -618,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sets", nargs="+", choices=ALL_SETS, default=list(SETS),
                         help="data sets (default: all but long, whose chats need --max-length 2048)")
     parser.add_argument("--trainers", nargs="+", choices=tuple(TRAINERS), default=None,
-                        help="ours and the references to run (default: all that run on --device); ours is always run")
+                        help="ours and the references to run (default: all that run on --device but trl-padfree); ours is always run")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both trainers run")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA, both trainers")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -645,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SIZES["large" if args.large else "full" if args.full else "quick" if args.quick else "default"]
     if args.precision == "bf16" and args.device != "cuda":
         parser.error("--precision bf16 needs --device cuda (tunekit refuses bf16 on the CPU)")
-    asked = args.trainers or [t for t in TRAINERS if t not in CUDA_ONLY or args.device == "cuda"]
+    asked = args.trainers or [t for t in TRAINERS if t not in OPT_IN and (t not in CUDA_ONLY or args.device == "cuda")]
     trainers = ["ours"] + [t for t in TRAINERS if t != "ours" and t in asked]
     for trainer in trainers:
         if trainer in CUDA_ONLY and args.device != "cuda":
