@@ -138,17 +138,17 @@ def multiturn_chats(n: int, seed: int) -> list[dict]:
 
 
 def long_chats(n: int, seed: int) -> list[dict]:
-    """(d) 1-3 exchanges, each message 5 to 700/exchanges words (uniform): at most 1,400 words (~1,900
-    tokens of this prose) per chat, so lengths spread from a few dozen tokens to the 2048 cap, where
-    padding to the longest row of a batch wastes most."""
+    """(d) 1-3 exchanges, each message 5 to 850/exchanges words (uniform): at most 1,700 words (~2,000
+    tokens of this prose with SmolLM2's tokenizer) per chat, so lengths spread from about a hundred tokens
+    to the 2048 cap, where padding to the longest row of a batch wastes most."""
     rng, words = random.Random(seed + 2), _words()
     chats = []
     for i in range(n):
         exchanges = rng.randint(1, 3)
         messages = []
         for _ in range(exchanges):
-            messages.append({"role": "user", "content": _span(rng, words, rng.randint(5, 700 // exchanges))})
-            messages.append({"role": "assistant", "content": _span(rng, words, rng.randint(5, 700 // exchanges))})
+            messages.append({"role": "user", "content": _span(rng, words, rng.randint(5, 850 // exchanges))})
+            messages.append({"role": "assistant", "content": _span(rng, words, rng.randint(5, 850 // exchanges))})
         chats.append({"id": f"l{i}", "messages": messages})
     return chats
 

@@ -126,7 +126,7 @@ def test_long_chats_are_deterministic_and_within_the_word_ranges():
         n = len(roles) // 2
         exchanges.add(n)
         assert roles == ["user", "assistant"] * n and 1 <= n <= 3
-        assert all(5 <= len(m["content"].split()) <= 700 // n for m in chat["messages"])
+        assert all(5 <= len(m["content"].split()) <= 850 // n for m in chat["messages"])
     assert exchanges == {1, 2, 3}
 
 
