@@ -1,7 +1,7 @@
 """Issue 17's GPU benchmarks in one run that fits ~9 minutes of one H200 (bench/GPU.md).
 
     python bench/gpu_suite.py --out $OUT               # on the GPU machine (after bench/gpu_preflight.py's install)
-    python bench/gpu_suite.py --tiny --out /tmp/gpu    # CPU smoke run: tiny shapes, every part, ~2 minutes
+    python bench/gpu_suite.py --tiny                   # CPU smoke run: tiny shapes, every part (results in /tmp)
     python bench/gpu_suite.py --parts lora levers      # a subset
 
 Parts, in the order they run (the most important first, so a run cut off still holds them):
@@ -551,7 +551,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tokenizer", type=Path, default=None, help="SmolLM2 tokenizer dir (default: .whl/ or the embedded model)")
     parser.add_argument("--work", type=Path, default=None, help="models and data (default: a temporary dir, removed)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="latest.json / latest.md go here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="latest.json / latest.md go here (default: bench/results/gpu; with --tiny a temporary dir, "
+                             "so CPU smoke figures never land among the GPU results)")
     # child mode (internal)
     parser.add_argument("--child", choices=("qlora", "generate"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -589,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
         "sizes": {k: v for k, v in dataclasses.asdict(sizes).items()}, "budget_seconds": args.budget,
         "targets": TARGETS, "parts": {}, "skipped": [], "complete": False}
     print(f"matmul peak {peak / 1e12:.3g} TFLOP/s; budget {args.budget:.0f} s", flush=True)
-    out = args.out
+    out = args.out or (Path(tempfile.gettempdir()) / "tunekit-gpu-suite-tiny" if args.tiny else RESULTS)
     work = args.work or Path(tempfile.mkdtemp(prefix="tunekit-gpu-suite-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
