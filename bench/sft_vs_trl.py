@@ -6,10 +6,15 @@
     python bench/sft_vs_trl.py --full              # the issue's sizes (64 single-turn chats, ...): ~1 h
     python bench/sft_vs_trl.py --reps 5 --sets variable demo
     python bench/sft_vs_trl.py --trainers ours trl-nogc   # against one reference only
+    python bench/sft_vs_trl.py --device cuda --precision bf16 --sets long --max-length 2048 --trainers ours trl trl-best
 
 Two references, each in its own processes: TRL with its defaults (`trl`: full-layer gradient checkpointing
 on) and TRL's fastest valid CPU setting (`trl-nogc`: the same with gradient_checkpointing=False, what a user
-with memory to spare runs). Our speed is compared with both; our memory with the defaults'.
+with memory to spare runs). Our speed is compared with both; our memory with the defaults'. On a GPU a third:
+TRL's strongest valid setting there (`trl-best`: gradient checkpointing, padding_free=True and
+use_liger_kernel=True; refused on the CPU, where liger-kernel's Triton kernels do not run), and the same
+without Liger (`trl-padfree`, which runs on the CPU too). bench/gpu_suite.py
+drives these on one GPU within a fixed time budget (bench/GPU.md).
 
 Both trainers get the same rows: the template stage's functions (stages.template.encode_split) render,
 tokenise and mask each conversation once, and the same input_ids and loss mask go to both (TRL as a
@@ -46,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,23 +60,31 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "bench" / "results"
-SETS = ("variable", "multiturn", "demo")
+SETS = ("variable", "multiturn", "demo")  # the default run; "long" (chats up to 2048 tokens) is asked for by name
+ALL_SETS = SETS + ("long",)
 # (train, validation) rows per set; demo: (records generated, 0), split by ingest as in the pipeline.
 # The default keeps a whole invocation near 15 minutes on 2 idle cores, where TRL runs at ~60 tokens/s:
 # every repetition trains each set twice (ours and TRL), so each set holds ~5k tokens.
 SIZES = {
-    "quick": {"variable": (8, 4), "multiturn": (8, 4), "demo": (30, 0)},
-    "default": {"variable": (24, 12), "multiturn": (12, 6), "demo": (60, 0)},
-    "full": {"variable": (64, 16), "multiturn": (32, 8), "demo": (400, 0)},
+    "quick": {"variable": (8, 4), "multiturn": (8, 4), "demo": (30, 0), "long": (8, 4)},
+    "default": {"variable": (24, 12), "multiturn": (12, 6), "demo": (60, 0), "long": (16, 8)},
+    "full": {"variable": (64, 16), "multiturn": (32, 8), "demo": (400, 0), "long": (64, 16)},
     # On a GPU an epoch of the sets above lasts about a second: mostly start-up, not training.
-    "large": {"variable": (1024, 64), "multiturn": (512, 32), "demo": (4000, 0)},
+    "large": {"variable": (1024, 64), "multiturn": (512, 32), "demo": (4000, 0), "long": (384, 32)},
 }
 # The trainers, in the order of the first repetition; every trainer but ours is a reference.
 TRAINERS = {
     "ours": "tunekit",
     "trl": "TRL SFTTrainer (defaults: gradient checkpointing)",
     "trl-nogc": "TRL SFTTrainer, gradient_checkpointing=False",
+    "trl-best": "TRL SFTTrainer, gradient checkpointing + padding_free + Liger kernels",
+    "trl-padfree": "TRL SFTTrainer, gradient checkpointing + padding_free (no Liger)",
 }
+# Trainers that cannot run on the CPU, and why (the refusal names the alternative).
+CUDA_ONLY = {"trl-best": "use_liger_kernel needs liger-kernel's Triton kernels, which run on GPUs only; "
+                         "on the CPU compare with trl and trl-nogc"}
+# Run only when named in --trainers (bench/gpu_suite.py's fallback when trl-best fails).
+OPT_IN = {"trl-padfree"}
 REFERENCES = tuple(t for t in TRAINERS if t != "ours")
 # Issue 17's CPU targets on set (a): speed against TRL's fastest setting, memory against its defaults,
 # and our achieved FLOP/s as a share of the measured matmul peak.
@@ -79,6 +93,7 @@ SET_TITLES = {
     "variable": "(a) single-turn chats, 5-200 words each side",
     "multiturn": "(b) multi-turn chats, long system prompts",
     "demo": "(c) demo task (order note -> JSON)",
+    "long": "(d) chats of 1-3 exchanges, up to 2048 tokens",
 }
 
 
@@ -122,6 +137,22 @@ def multiturn_chats(n: int, seed: int) -> list[dict]:
     return chats
 
 
+def long_chats(n: int, seed: int) -> list[dict]:
+    """(d) 1-3 exchanges, each message 5 to 850/exchanges words (uniform): at most 1,700 words (~2,000
+    tokens of this prose with SmolLM2's tokenizer) per chat, so lengths spread from about a hundred tokens
+    to the 2048 cap, where padding to the longest row of a batch wastes most."""
+    rng, words = random.Random(seed + 2), _words()
+    chats = []
+    for i in range(n):
+        exchanges = rng.randint(1, 3)
+        messages = []
+        for _ in range(exchanges):
+            messages.append({"role": "user", "content": _span(rng, words, rng.randint(5, 850 // exchanges))})
+            messages.append({"role": "assistant", "content": _span(rng, words, rng.randint(5, 850 // exchanges))})
+        chats.append({"id": f"l{i}", "messages": messages})
+    return chats
+
+
 def demo_splits(records: int, seed: int, work: Path) -> dict[str, list[dict]]:
     """(c) the demo task as the pipeline makes it: tunekit.demo.generate -> tunekit.ingest.ingest."""
     from tunekit.demo import generate
@@ -138,19 +169,21 @@ def demo_splits(records: int, seed: int, work: Path) -> dict[str, list[dict]]:
     return {split: list(read_jsonl(work / "demo-ingested" / f"{split}.jsonl")) for split in ("train", "validation")}
 
 
-def tokenized(records: list[dict], tokenizer, split: str) -> list[dict]:
-    """The template stage's rows (input_ids, labels) for `records`, with template.* from params.yaml."""
+def tokenized(records: list[dict], tokenizer, split: str, max_length: int = 512) -> list[dict]:
+    """The template stage's rows (input_ids, labels) for `records`, with template.* from params.yaml
+    (max_length from the argument: the benchmark's, not the pipeline's)."""
     from stages.template import encode_split
     from tunekit.chat import resolve_chat_template
     from tunekit.params import load_section
 
-    params = load_section("template")
+    params = load_section("template").model_copy(update={"max_length": max_length})
     chat_template = resolve_chat_template(params.chat_template, tokenizer)
     kept, _, _ = encode_split(records, tokenizer, chat_template, params, split)
     return [{"input_ids": enc.input_ids, "labels": enc.labels} for _, enc in kept]
 
 
-def build_sets(names: list[str], sizes: dict[str, tuple[int, int]], model_dir: Path, work: Path, seed: int) -> dict:
+def build_sets(names: list[str], sizes: dict[str, tuple[int, int]], model_dir: Path, work: Path, seed: int,
+               max_length: int = 512) -> dict:
     from tunekit.io import write_jsonl
     from tunekit.models import load_tokenizer
 
@@ -161,8 +194,8 @@ def build_sets(names: list[str], sizes: dict[str, tuple[int, int]], model_dir: P
         if name == "variable":
             chats = variable_chats(n_train + n_val, seed)
             splits = {"train": chats[:n_train], "validation": chats[n_train:]}
-        elif name == "multiturn":
-            chats = multiturn_chats(n_train + n_val, seed)
+        elif name in ("multiturn", "long"):
+            chats = (multiturn_chats if name == "multiturn" else long_chats)(n_train + n_val, seed)
             splits = {"train": chats[:n_train], "validation": chats[n_train:]}
         else:
             splits = demo_splits(n_train, seed, work)  # n_train = demo records before the split
@@ -170,9 +203,10 @@ def build_sets(names: list[str], sizes: dict[str, tuple[int, int]], model_dir: P
         d.mkdir(parents=True, exist_ok=True)
         info = {"dir": str(d)}
         for split, records in splits.items():
-            rows = tokenized(records, tokenizer, split)
+            rows = tokenized(records, tokenizer, split, max_length)
             write_jsonl(d / f"{split}.jsonl", rows)
             info[split] = {"rows": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
+                           "longest": max((len(r["input_ids"]) for r in rows), default=0),
                            "trained_tokens": sum(sum(x != -100 for x in r["labels"][1:]) for r in rows)}
         out[name] = info
     return out
@@ -327,12 +361,20 @@ def child_trl(args, train_rows, val_rows) -> dict:
     options = json.loads(args.trl_options or "{}")
     if args.child == "trl-nogc":  # TRL's fastest valid CPU setting: nothing recomputed
         options.setdefault("gradient_checkpointing", False)
+    if args.child in ("trl-best", "trl-padfree"):  # gradient checkpointing stays TRL's default (on)
+        options.setdefault("padding_free", True)
+    if args.child == "trl-best":  # its strongest valid GPU setting
+        refuse_cuda_only(args.child, args.device)
+        options.setdefault("use_liger_kernel", True)
+    # Padding-free TRL refuses a max_length without packing (it would not enforce it); the rows are already
+    # cut to --max-length by the template functions, so nothing longer arrives.
+    max_length = None if options.get("padding_free") else args.max_length
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=params.lr,
         lr_scheduler_type={"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[params.schedule],
         warmup_steps=params.warmup_ratio, weight_decay=params.weight_decay, max_grad_norm=params.max_grad_norm or 0.0,
-        max_length=512, bf16=args.precision == "bf16", fp16=False, use_cpu=args.device == "cpu", seed=seed,
+        max_length=max_length, bf16=args.precision == "bf16", fp16=False, use_cpu=args.device == "cpu", seed=seed,
         data_seed=seed, save_strategy="no",
         eval_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
         **options)
@@ -349,7 +391,13 @@ def child_trl(args, train_rows, val_rows) -> dict:
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {"seconds": seconds, "steps": trainer.state.global_step, "final_train_loss": logs[-1]["loss"],
             "mean_train_loss": sum(e["loss"] for e in logs) / len(logs), "val_loss": val,
-            "gradient_checkpointing": bool(config.gradient_checkpointing)}
+            "gradient_checkpointing": bool(config.gradient_checkpointing), "padding_free": bool(config.padding_free),
+            "use_liger_kernel": bool(config.use_liger_kernel)}
+
+
+def refuse_cuda_only(trainer: str, device: str) -> None:
+    if trainer in CUDA_ONLY and device != "cuda":
+        raise SystemExit(f"trainer {trainer} needs --device cuda: {CUDA_ONLY[trainer]}")
 
 
 def child_main(args) -> None:
@@ -369,10 +417,12 @@ def child_main(args) -> None:
     Path(args.result).write_text(json.dumps(result), encoding="utf-8")
 
 
-def run_child(trainer: str, data_dir: str, args, result_path: Path) -> dict:
+def run_child(trainer: str, data_dir: str, args, result_path: Path, timeout: float | None = None) -> dict:
+    """One training run in a fresh process; killed after `timeout` seconds (RuntimeError saying so)."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", trainer, "--data", data_dir,
                "--model", str(args.model), "--result", str(result_path), "--threads", str(args.threads),
-               "--batch-size", str(args.batch_size), "--device", args.device, "--precision", args.precision]
+               "--batch-size", str(args.batch_size), "--device", args.device, "--precision", args.precision,
+               "--max-length", str(args.max_length)]
     if args.ours_options:
         command += ["--ours-options", args.ours_options]
     if args.lora_dropout is not None:
@@ -388,12 +438,25 @@ def run_child(trainer: str, data_dir: str, args, result_path: Path) -> dict:
     log = open(result_path.with_suffix(".log"), "w", encoding="utf-8")
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    fired = threading.Event()
+
+    def kill() -> None:
+        fired.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill) if timeout else None
+    if timer:
+        timer.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    if timer:
+        timer.cancel()
+    killed = fired.is_set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     log.close()
     if proc.returncode != 0:
         tail = result_path.with_suffix(".log").read_text(encoding="utf-8")[-3000:]
-        raise RuntimeError(f"{trainer} run on {data_dir} failed (exit {proc.returncode}):\n{tail}")
+        why = f"killed at its time cap of {timeout:.0f} s" if killed else f"exit {proc.returncode}"
+        raise RuntimeError(f"{trainer} run on {data_dir} failed ({why}):\n{tail}")
     result = json.loads(result_path.read_text(encoding="utf-8"))
     result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: KiB
     result["process_seconds"] = time.perf_counter() - started
@@ -557,13 +620,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true",
                         help="the issue's sizes: 64 single-turn chats, 32 multi-turn, the pipeline's 400 demo records (~1 h)")
     parser.add_argument("--large", action="store_true", help="16x the --full sizes, for a GPU (an epoch of --full takes ~1 s there)")
-    parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
-    parser.add_argument("--trainers", nargs="+", choices=tuple(TRAINERS), default=list(TRAINERS),
-                        help="ours and the references to run (default: all); ours is always run")
+    parser.add_argument("--sets", nargs="+", choices=ALL_SETS, default=list(SETS),
+                        help="data sets (default: all but long, whose chats need --max-length 2048)")
+    parser.add_argument("--trainers", nargs="+", choices=tuple(TRAINERS), default=None,
+                        help="ours and the references to run (default: all that run on --device but trl-padfree); ours is always run")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both trainers run")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on CUDA, both trainers")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per row, both trainers (the template's cut)")
     parser.add_argument("--model", default=None, help="HF checkpoint dir (default: models/base or the embedded SmolLM2)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.json / latest.md")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the dvc repro / pipeline timings")
@@ -585,7 +650,11 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SIZES["large" if args.large else "full" if args.full else "quick" if args.quick else "default"]
     if args.precision == "bf16" and args.device != "cuda":
         parser.error("--precision bf16 needs --device cuda (tunekit refuses bf16 on the CPU)")
-    trainers = ["ours"] + [t for t in TRAINERS if t != "ours" and t in args.trainers]
+    asked = args.trainers or [t for t in TRAINERS if t not in OPT_IN and (t not in CUDA_ONLY or args.device == "cuda")]
+    trainers = ["ours"] + [t for t in TRAINERS if t != "ours" and t in asked]
+    for trainer in trainers:
+        if trainer in CUDA_ONLY and args.device != "cuda":
+            parser.error(f"trainer {trainer} needs --device cuda: {CUDA_ONLY[trainer]}")
     args.model = base_model_dir(args.model)
     load_before = _load()
     print(f"model {args.model}; threads {args.threads}; reps {reps}; load average {load_before}", flush=True)
@@ -594,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="tunekit-bench-"))
     try:
-        sets = build_sets(args.sets, sizes, args.model, work, seed=1234)
+        sets = build_sets(args.sets, sizes, args.model, work, seed=1234, max_length=args.max_length)
         summaries = []
         for name in args.sets:
             info = sets[name]
