@@ -276,31 +276,36 @@ def _tokenize_at_edges(full_text: str, spans: list[tuple[int, int]], tokenizer: 
 
 def _tokenize_pieces(full_text: str, cuts: list[int], tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]]:
     bounds = [0, *cuts, len(full_text)]
+    pieces = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if lo < hi]
+    # The backend (Rust) tokenizer directly: what `tokenizer(..., return_offsets_mapping=True)` runs,
+    # without its per-call Python overhead, which was most of the stage's time.
+    encodings = [tokenizer.backend_tokenizer.encode(full_text[lo:hi], add_special_tokens=False) for lo, hi in pieces]
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        if lo == hi:
-            continue
-        encoding = tokenizer(full_text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
-        ids += encoding["input_ids"]
-        offsets += [(lo + s, lo + e) for s, e in encoding["offset_mapping"]]
+    for (lo, _), encoding in zip(pieces, encodings):
+        ids += encoding.ids
+        offsets += [(lo + s, lo + e) for s, e in encoding.offsets]
     return ids, offsets
 
 
 def _piece_keeps_text(full_text: str, ids: list[int], offsets: list[tuple[int, int]], cut: int, tokenizer: Any) -> bool:
     """Whether the first token of the piece starting at `cut` stands for just its own text."""
-    k = next((k for k, (s, _) in enumerate(offsets) if s >= cut), None)
-    if k is None:
+    k = bisect.bisect_left(offsets, (cut, -1))
+    if k == len(offsets):
         return True
     return _decoded_text(ids, k, k + 1, tokenizer) == full_text[offsets[k][0]:offsets[k][1]]
 
 
+_CONTEXT_TOKENS = 4  # decoded before the tokens checked; keeps the check's cost independent of the position
+
+
 def _decoded_text(ids: list[int], first: int, stop: int, tokenizer: Any) -> str | None:
-    """The text tokens first..stop-1 add to the decoded prefix before them (None if decoding them
-    changes the prefix). Decoding the prefix too keeps a decoder's strip of the sequence's first space
-    out of it."""
-    before = tokenizer.decode(ids[:first], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    through = tokenizer.decode(ids[:stop], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    """The text tokens first..stop-1 add to the decoded tokens just before them (None if decoding them
+    changes those). Decoding a few tokens before them too keeps a decoder's strip of the first space of
+    what it decodes (SentencePiece's dummy prefix) off the tokens checked."""
+    context = max(0, first - _CONTEXT_TOKENS)
+    before = tokenizer.decode(ids[context:first], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    through = tokenizer.decode(ids[context:stop], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return through[len(before):] if through.startswith(before) else None
 
 
