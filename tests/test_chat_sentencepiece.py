@@ -98,6 +98,10 @@ def tokenizer_for(sp_model: str, tmp_path, legacy: bool, add_prefix_space: bool,
     shutil.copy(sp_model, directory / "tokenizer.model")
     tokenizer = LlamaTokenizerFast.from_pretrained(directory, legacy=legacy, add_prefix_space=add_prefix_space)
     assert tokenizer.is_fast and tokenizer.eos_token == "</s>" and tokenizer.bos_token == "<s>"
+    # The behaviours under test are really there: the dummy prefix on text tokenised on its own, and
+    # legacy's "▁" inserted after a special token.
+    assert tokenizer.tokenize("It")[0].startswith("▁") == add_prefix_space
+    assert tokenizer.tokenize("</s>It")[1].startswith("▁") == (legacy and add_prefix_space)
     if control_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": [
             AddedToken("[INST]", special=True, normalized=False), AddedToken("[/INST]", special=True, normalized=False)]})
