@@ -312,10 +312,11 @@ def _decoded_text(ids: list[int], first: int, stop: int, tokenizer: Any) -> str 
 def _check_decodes_to(ids: list[int], first: int, stop: int, text: str, tokenizer: Any) -> None:
     """Refuse unless tokens first..stop-1 stand for exactly `text`.
 
-    The text they add to the decoded prefix before them is compared, character for character. This catches tokenizers that add text the rendering lacks: a legacy SentencePiece
-    tokenizer puts a "▁" space after every special token, so an answer right after one would be
-    trained with a space that is not in the data; a SentencePiece dummy prefix does the same to a
-    piece tokenised on its own; an unknown character becomes <unk>.
+    The text they add to the tokens decoded just before them is compared, character for character.
+    This catches tokenizers that add text the rendering lacks: a legacy SentencePiece tokenizer puts a
+    "▁" space after every special token, so an answer right after one would be trained with a space
+    that is not in the data; a SentencePiece dummy prefix does the same to a piece tokenised on its
+    own; an unknown character becomes <unk>.
     """
     got = _decoded_text(ids, first, stop, tokenizer)
     if got != text:
