@@ -16,7 +16,7 @@ import pytest
 import sentencepiece
 from transformers import AddedToken, BertGenerationTokenizer, LlamaTokenizerFast
 
-from tunekit.chat import IGNORE_INDEX, encode_conversation, pack, render
+from tunekit.chat import IGNORE_INDEX, encode_conversation, end_of_turn_marker, pack, render
 
 # Modelled on meta-llama/Llama-2-7b-chat-hf's template: the system prompt inside the first [INST],
 # each answer written as ' ' + content.strip() + ' ' + eos_token, no generation prompt.
@@ -233,3 +233,10 @@ def test_system_prompt_in_the_last_user_turn_is_refused(sp_model, tmp_path):
         with pytest.raises(ValueError, match="not prefix-stable"):
             encode_conversation(messages, tokenizer, MISTRAL_V03_SYSTEM)
     assert SYSTEM["content"] not in render(CONVERSATION[:3], tokenizer, MISTRAL_V03_SYSTEM, add_generation_prompt=False)
+
+
+@pytest.mark.parametrize("name,template,written", TEMPLATES)
+def test_end_of_turn_marker(sp_model, tmp_path, name, template, written):
+    """The stop string generation uses is what the template writes after an answer's content."""
+    tokenizer = tokenizer_for(sp_model, tmp_path, False, True, name.startswith("mistral-control"))
+    assert end_of_turn_marker(tokenizer, template) == written("x").split("x", 1)[1]

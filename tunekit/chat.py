@@ -97,12 +97,13 @@ def render(messages: list[dict], tokenizer: Any, chat_template: str, add_generat
 
 def end_of_turn_marker(tokenizer: Any, chat_template: str) -> str:
     """The text a template writes after an assistant's content to close the turn (e.g. <|im_end|>),
-    found from message boundaries: what follows the content in a rendered assistant turn."""
+    found from message boundaries: what follows the content in a rendered assistant turn. Whitespace
+    the template writes before the content (Llama-2's ' ' + content + ' </s>') is not part of it."""
     probe = "tunekit-probe-answer"
     history = [{"role": "user", "content": "q"}]
     prompt = render(history, tokenizer, chat_template, add_generation_prompt=True)
     turn = render(history + [{"role": "assistant", "content": probe}], tokenizer, chat_template, add_generation_prompt=False)
-    segment = turn[len(prompt):].rstrip()
+    segment = turn[len(prompt):].strip()
     if not segment.startswith(probe) or segment == probe:
         raise ValueError(f"{_describe_template(chat_template, tokenizer)} writes no end-of-turn marker after an "
                          "assistant message, so generation could not know where a turn ends; use 'chatml' or 'llama3'")
