@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from stages import template as template_stage
-from tunekit.chat import IGNORE_INDEX, encode_conversation, resolve_chat_template
+from tunekit.chat import IGNORE_INDEX, encode_conversation, render, resolve_chat_template
+from tunekit.generate import prompts_from_conversations
 from tunekit.ingest import Record, Reject, ingest, read_file
 from tunekit.io import read_jsonl
 from tunekit.params import TemplateParams
@@ -184,3 +185,11 @@ def test_template_stage_renders_the_records_tools(tiny_model_dir, tmp_path: Path
         assert rows[record["id"]]["labels"] == expected.labels
         trained = [t for t, label in zip(expected.input_ids, expected.labels) if label != IGNORE_INDEX]
         assert '"name": "get_weather"' in decode(tokenizer, trained)
+
+
+def test_evaluation_prompt_keeps_tools_calls_and_results(smollm2_tokenizer, tmp_path: Path) -> None:
+    messages, tools = parsed(tmp_path, tool_line(GOOD))
+    [prompt] = prompts_from_conversations([{"id": "x", "messages": messages, "tools": tools}], smollm2_tokenizer, QWEN25)
+    assert prompt.text == render(messages[:-1], smollm2_tokenizer, QWEN25, add_generation_prompt=True, tools=tools)
+    assert '"name": "get_weather"' in prompt.text and "<tool_response>" in prompt.text and "# Tools" in prompt.text
+    assert prompt.reference == ANSWER["content"]
