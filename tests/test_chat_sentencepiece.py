@@ -240,3 +240,26 @@ def test_end_of_turn_marker(sp_model, tmp_path, name, template, written):
     """The stop string generation uses is what the template writes after an answer's content."""
     tokenizer = tokenizer_for(sp_model, tmp_path, False, True, name.startswith("mistral-control"))
     assert end_of_turn_marker(tokenizer, template) == written("x").split("x", 1)[1]
+
+
+# A template whose generation prompt ends inside a word: the answer "re is ..." completes "the".
+MID_WORD = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\nA: the' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("add_prefix_space", [True, False])
+def test_token_across_the_turn_edge(sp_model, tmp_path, add_prefix_space):
+    """In one piece "the|re" is the token "▁there", half prompt and half answer. Without a dummy prefix
+    the text is cut at the edge (as at inference); with one, tokenising "re ..." on its own would add a
+    space, so the edge can be neither cut nor straddled, and the conversation is refused."""
+    tokenizer = tokenizer_for(sp_model, tmp_path, False, add_prefix_space, False)
+    messages = [{"role": "user", "content": "Is it?"}, {"role": "assistant", "content": "re is no value."}]
+    assert "\u2581there" in tokenizer.tokenize("A: there is no value.")
+    if add_prefix_space:
+        with pytest.raises(ValueError, match="token straddles the edge.*' there' is one token"):
+            encode_conversation(messages, tokenizer, MID_WORD)
+        return
+    encoded = encode_conversation(messages, tokenizer, MID_WORD)
+    assert_exact_mask(tokenizer, MID_WORD, messages, encoded, ["re is no value.</s>"])
