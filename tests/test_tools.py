@@ -84,7 +84,7 @@ CORPUS: list[tuple[str | None, bytes]] = [
     ("unknown_tool", tool_line([USER, {**CALLS, "tool_calls": [call("get_wether", {"city": "Oslo"})]}])),
     ("wrong_type", tool_line([USER, {**CALLS, "tool_calls": [{"type": "function", "function": {"arguments": {}}}]}])),
     ("wrong_type", tool_line([USER, {**CALLS, "tool_calls": [{"type": "function", "function": {"name": "get_time"}}]}])),
-    ("wrong_type", tool_line([USER, {**CALLS, "tool_calls": []}])),
+    ("wrong_type", tool_line([USER, {**CALLS, "tool_calls": []}])),  # [] is no calls: then content null is wrong
     ("wrong_type", json.dumps({"messages": [USER, ANSWER], "tools": {"name": "get_time"}}).encode()),
     ("wrong_type", tool_line([USER, {"role": "assistant", "tool_calls": [call("get_time", {})]},
                               {"role": "tool", "tool_call_id": 7, "content": "x"}, ANSWER])),
@@ -116,10 +116,12 @@ def test_tool_data_rejects_name_line_and_reason(tmp_path: Path) -> None:
 def test_ingest_writes_tools_and_hashes_them(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     plain = [USER, ANSWER]
-    lines = [tool_line(GOOD), tool_line(plain), tool_line(plain, tools=None)]
+    # Empty tools and tool_calls, as exports write them, are no tools: a duplicate of the plain record.
+    empty = json.dumps({"tools": [], "messages": [USER, {**ANSWER, "tool_calls": []}]}).encode()
+    lines = [tool_line(GOOD), tool_line(plain), tool_line(plain, tools=None), empty]
     (tmp_path / "in/a.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
     metrics = ingest(tmp_path / "in", tmp_path / "out", validation=0, test=0)
-    assert metrics["accepted"] == 3 and metrics["duplicates"] == 0  # the same messages with and without tools differ
+    assert metrics["accepted"] == 3 and metrics["duplicates"] == 1  # the same messages with and without tools differ
     rows = list(read_jsonl(tmp_path / "out/train.jsonl"))
     assert [row.get("tools") for row in rows] == [[WEATHER, TIME], [WEATHER, TIME], None]
     assert len({row["id"] for row in rows}) == 3

@@ -426,8 +426,8 @@ def _read_any(path: Path, fmt: str, max_chars: int, task: str = "sft"
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
     """(line number, text, "") per physical line, read as bytes and decoded line by line so that one
     line in another encoding is that line's problem, not the file's; (line number, None, "byte 0x.. at
-    byte N") for a line that is not UTF-8. Line endings and a BOM at the line's start are stripped, so decoder
-    positions count from the line's start."""
+    byte N") for a line that is not UTF-8. Line endings and a BOM at the line's start are stripped, so
+    decoder positions count from the line's start."""
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             raw = raw.rstrip(b"\r\n")
@@ -549,7 +549,8 @@ def _normalise(obj: dict[str, Any], detected: tuple[str, int] | None, max_chars:
     _require_keys(obj, fmt, since)
     tools = None
     if fmt == "messages":
-        tools = normalise_tools(obj["tools"]) if obj.get("tools") is not None else None
+        # Exports write "tools": [] or null on records without tools.
+        tools = normalise_tools(obj["tools"]) if obj.get("tools") not in (None, []) else None
         messages = _from_messages(obj["messages"], tools)
         _check_turns(messages, "messages")
         check_tool_results(messages, "messages")
@@ -585,9 +586,10 @@ def _from_messages(value: Any, tools: list[dict] | None = None) -> list[dict]:
             raise _Bad("unknown_role", f"{where}.role is {json.dumps(role)}; use one of {', '.join(_ROLES)}")
         role = role.lower()  # exports write "User", "ASSISTANT"
         content = item.get("content", _MISSING)
-        if role == "assistant" and item.get("tool_calls") is not None:
+        if role == "assistant" and item.get("tool_calls") not in (None, []):
             # A turn that only calls tools has no text (OpenAI writes null).
-            message = {"role": role, "content": "" if content in (_MISSING, None, "") else _content(content, f"{where}.content"),
+            text = "" if content in (_MISSING, None, "") else _content(content, f"{where}.content")
+            message = {"role": role, "content": text,
                        "tool_calls": normalise_tool_calls(item["tool_calls"], f"{where}.tool_calls", tools)}
         elif role == "tool":
             message = {"role": role, "content": _text(content, f"{where}.content", allow_empty=True),
