@@ -36,7 +36,8 @@ def encode_split(records: list[dict], tokenizer, chat_template: str, params: Tem
     kept, dropped = [], []
     truncated = eot_trained = trained = total = 0
     for record in tqdm(records, desc=f"template ({split})", unit="conv", dynamic_ncols=True):
-        encoded = encode_conversation(record["messages"], tokenizer, chat_template, params.train_on, params.max_length)
+        encoded = encode_conversation(record["messages"], tokenizer, chat_template, params.train_on, params.max_length,
+                                      tools=record.get("tools"))
         n_trained = sum(label != IGNORE_INDEX for label in encoded.labels)
         truncated += encoded.truncated
         if n_trained == 0:

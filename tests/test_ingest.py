@@ -84,7 +84,7 @@ def test_each_bad_line_gets_its_own_reason(tmp_path: Path) -> None:
     assert all(item.file == str(path) for item in items)
 
     details = {item.reason: item.detail for item in items if isinstance(item, Reject)}
-    assert details["unknown_role"] == 'messages[1].role is "bot"; use one of system, user, assistant'
+    assert details["unknown_role"] == 'messages[1].role is "bot"; use one of system, user, assistant, tool'
     assert "at column 48" in details["invalid_json"]  # just past the 47-character line
     assert '"prompt", "completion"' in details["wrong_format"]
     assert "the file is messages (as detected from line 1)" in details["wrong_format"]
@@ -204,6 +204,36 @@ def test_bom_and_crlf_are_accepted(tmp_path: Path) -> None:
     records = list(read_file(path))
     assert [(r.line, r.messages[0]["content"], r.messages[1]["content"]) for r in records] == [(1, "one", "1"),
                                                                                             (3, "two", "2")]
+
+
+def test_bom_at_the_start_of_any_line_is_accepted(tmp_path: Path) -> None:
+    """Files joined with `cat` keep each one's BOM, which then starts a line in the middle of the file."""
+    bom = b"\xef\xbb\xbf"
+    first = bom + chat(("user", "one"), ("assistant", "1")) + b"\n"
+    second = bom + chat(("user", "two"), ("assistant", "2")) + b"\r\n" + chat(("user", "three"), ("assistant", "3"))
+    path = tmp_path / "joined.jsonl"
+    path.write_bytes(first + second + b"\n" + bom + b"\n")
+    items = list(read_file(path))
+    assert [(type(i).__name__, i.line, i.messages[0]["content"]) for i in items] == [
+        ("Record", 1, "one"), ("Record", 2, "two"), ("Record", 3, "three")]  # a BOM-only line is blank
+    # Only a BOM is stripped: a BOM inside a line's JSON text is still data, and a stray byte is still a reject.
+    path.write_bytes(chat(("user", "\ufeffkept"), ("assistant", "a")) + b"\n" + b"\xef\xbb" + chat(("user", "x"), ("assistant", "y")))
+    items = list(read_file(path))
+    assert items[0].messages[0]["content"] == "\ufeffkept"
+    assert isinstance(items[1], Reject) and items[1].reason == "invalid_utf8"
+
+
+def test_role_names_are_matched_case_insensitively(tmp_path: Path) -> None:
+    lines = [chat(("System", "rules"), ("USER", "hi"), ("Assistant", "hello")),
+             json.dumps({"conversations": [{"from": "Human", "value": "hi"}, {"from": "GPT", "value": "hello"}]}).encode(),
+             chat(("User", "hi"), ("Bot", "beep"))]
+    items = [item for i, line in enumerate(lines) for item in read_file(write(tmp_path / f"{i}.jsonl", [line]))]
+    assert [m["role"] for m in items[0].messages] == ["system", "user", "assistant"]
+    assert [m["role"] for m in items[1].messages] == ["user", "assistant"]
+    # Normalised to lower case, so differently cased copies are one record (and one id).
+    assert items[0].id == canonical_id([{"role": "system", "content": "rules"}, {"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": "hello"}])
+    assert isinstance(items[2], Reject) and items[2].reason == "unknown_role" and '"Bot"' in items[2].detail
 
 
 def test_read_file_streams(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import html
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,13 @@ def _describe_template(chat_template: str, tokenizer: Any) -> str:
     return f"chat template starting {chat_template[:60]!r}"
 
 
-def render(messages: list[dict], tokenizer: Any, chat_template: str, add_generation_prompt: bool) -> str:
-    """The conversation as text, exactly as the template writes it (special tokens as text)."""
+def render(messages: list[dict], tokenizer: Any, chat_template: str, add_generation_prompt: bool,
+           tools: list[dict] | None = None) -> str:
+    """The conversation as text, exactly as the template writes it (special tokens as text).
+    `tools`: the function schemas offered to the model, for templates that render them."""
     return tokenizer.apply_chat_template(
         messages,
+        tools=tools or None,
         chat_template=chat_template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
@@ -93,12 +97,13 @@ def render(messages: list[dict], tokenizer: Any, chat_template: str, add_generat
 
 def end_of_turn_marker(tokenizer: Any, chat_template: str) -> str:
     """The text a template writes after an assistant's content to close the turn (e.g. <|im_end|>),
-    found from message boundaries: what follows the content in a rendered assistant turn."""
+    found from message boundaries: what follows the content in a rendered assistant turn. Whitespace
+    the template writes before the content (Llama-2's ' ' + content + ' </s>') is not part of it."""
     probe = "tunekit-probe-answer"
     history = [{"role": "user", "content": "q"}]
     prompt = render(history, tokenizer, chat_template, add_generation_prompt=True)
     turn = render(history + [{"role": "assistant", "content": probe}], tokenizer, chat_template, add_generation_prompt=False)
-    segment = turn[len(prompt):].rstrip()
+    segment = turn[len(prompt):].strip()
     if not segment.startswith(probe) or segment == probe:
         raise ValueError(f"{_describe_template(chat_template, tokenizer)} writes no end-of-turn marker after an "
                          "assistant message, so generation could not know where a turn ends; use 'chatml' or 'llama3'")
@@ -106,7 +111,8 @@ def end_of_turn_marker(tokenizer: Any, chat_template: str) -> str:
 
 
 def _trained_char_spans(
-    messages: list[dict], tokenizer: Any, chat_template: str, train_on: str, full_text: str
+    messages: list[dict], tokenizer: Any, chat_template: str, train_on: str, full_text: str,
+    tools: list[dict] | None = None,
 ) -> list[tuple[int, int]]:
     """Character spans of `full_text` to train on, one per trained assistant turn, in order.
 
@@ -129,8 +135,8 @@ def _trained_char_spans(
             )
         history = [_without_train_flag(m) for m in messages[:k]]
         turn = _without_train_flag(messages[k])
-        prompt = render(history, tokenizer, chat_template, add_generation_prompt=True)
-        with_turn = render(history + [turn], tokenizer, chat_template, add_generation_prompt=False)
+        prompt = render(history, tokenizer, chat_template, add_generation_prompt=True, tools=tools)
+        with_turn = render(history + [turn], tokenizer, chat_template, add_generation_prompt=False, tools=tools)
         renders = {
             f"the first {k} messages with the generation prompt": prompt,
             f"the first {k + 1} messages": with_turn,
@@ -144,9 +150,31 @@ def _trained_char_spans(
                     "turn), so assistant turns cannot be located by message boundaries; use a template that "
                     "renders each turn independently of later ones, e.g. 'chatml'"
                 )
+        if turn.get("tool_calls"):
+            _check_tool_calls_rendered(turn["tool_calls"], with_turn[len(prompt):], chat_template, tokenizer, k)
         # max(): a turn rendering as whitespace only gives an empty span, not a backwards one.
         spans.append((len(prompt), max(len(prompt), len(with_turn.rstrip()))))
     return spans
+
+
+def _check_tool_calls_rendered(calls: list[dict], turn_text: str, chat_template: str, tokenizer: Any, k: int) -> None:
+    """A template without tool support renders a tool-calling turn as its (often empty) content only:
+    training on that would teach the model to answer with nothing. Each call's function name and
+    argument names must appear in the turn's rendering."""
+    for call in calls:
+        function = call.get("function", call)
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            arguments = json.loads(arguments)
+        wanted = [function["name"], *(json.dumps(key, ensure_ascii=False) for key in arguments)]
+        missing = [text for text in wanted if text not in turn_text]
+        if missing:
+            raise ValueError(
+                f"{_describe_template(chat_template, tokenizer)} cannot render tool calls: messages[{k}] calls "
+                f"{function['name']!r} but the rendered turn lacks {', '.join(map(repr, missing))}, so the trained "
+                "tokens would not contain the call; use a chat template that renders `tool_calls` (e.g. the "
+                "model's own template of a tool-capable model such as Qwen2.5 or Llama-3.1), or drop tool data"
+            )
 
 
 def _without_train_flag(message: dict) -> dict:
@@ -160,6 +188,7 @@ def encode_conversation(
     chat_template: str,
     train_on: str = "all",
     max_length: int | None = None,
+    tools: list[dict] | None = None,
 ) -> Encoded:
     """Render and tokenise one conversation, training only on assistant turns.
 
@@ -175,39 +204,36 @@ def encode_conversation(
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length={max_length} must be a positive number of tokens, or None for no limit")
 
-    full_text = render(
-        [_without_train_flag(m) for m in messages], tokenizer, chat_template, add_generation_prompt=False
-    )
-    spans = _trained_char_spans(messages, tokenizer, chat_template, train_on, full_text)
-
-    # Tokenise piecewise so that a token boundary falls exactly at each span edge, as at inference
-    # (the prompt is tokenised up to the generation prompt, then the model generates). Special
-    # tokens come only from the template text: add_special_tokens=False avoids a second BOS.
-    input_ids: list[int] = []
-    labels: list[int] = []
-    trained_end = 0  # token index just past the last trained span
-    cursor = 0
-    for start, end in spans + [(len(full_text), len(full_text))]:
-        prompt_ids = tokenizer.encode(full_text[cursor:start], add_special_tokens=False)
-        turn_ids = tokenizer.encode(full_text[start:end], add_special_tokens=False)
-        input_ids += prompt_ids + turn_ids
-        # Labels are the token ids themselves, never masked by pad id: pad == eos == end-of-turn for
-        # many chat models, and that token must be trained or the model never learns to stop.
-        labels += [IGNORE_INDEX] * len(prompt_ids) + turn_ids
-        if turn_ids:
-            trained_end = len(input_ids)
-        cursor = end
-
-    # Guard the piecewise assumption: tokenisers that add something to every piece (e.g. a
-    # SentencePiece "dummy prefix" space) would silently train on text that is not in the data.
-    decoded = tokenizer.decode(input_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    if decoded != full_text:
+    if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
-            "the tokenizer does not reproduce the rendered conversation when it is tokenised piece by piece "
-            "(it changes the text at piece boundaries, e.g. adds a prefix space to each piece), so the "
-            "trained tokens would not match the data; use a tokenizer without add_prefix_space/legacy "
-            "SentencePiece behaviour (byte-level BPE such as Llama-3, Qwen or SmolLM tokenizers works)"
+            f"the tokenizer ({type(tokenizer).__name__}) is a slow (Python) tokenizer: it gives no character "
+            "offsets per token, which the loss mask needs to map trained text to tokens exactly; load the "
+            "model's fast tokenizer (a tokenizer.json, or AutoTokenizer with use_fast=True)"
         )
+    full_text = render(
+        [_without_train_flag(m) for m in messages], tokenizer, chat_template, add_generation_prompt=False, tools=tools
+    )
+    spans = _trained_char_spans(messages, tokenizer, chat_template, train_on, full_text, tools)
+
+    input_ids, offsets = _tokenize_at_edges(full_text, spans, tokenizer)
+    # Labels are the token ids themselves, never masked by pad id: pad == eos == end-of-turn for many
+    # chat models, and that token must be trained or the model never learns to stop.
+    labels = [IGNORE_INDEX] * len(input_ids)
+    trained_end = 0  # token index just past the last trained token
+    token = 0
+    checks = []  # (first token, stop token, text they must decode to)
+    for start, end in spans:
+        while token < len(offsets) and offsets[token][1] <= start:
+            token += 1
+        first = token
+        while token < len(offsets) and offsets[token][0] < end:
+            token += 1
+        labels[first:token] = input_ids[first:token]
+        if token > first:
+            trained_end = token
+            checks.append((first, token, full_text[start:end]))
+    for first, stop, text in checks:
+        _check_decodes_to(input_ids, first, stop, text, tokenizer)
 
     truncated = max_length is not None and len(input_ids) > max_length
     if truncated:
@@ -215,6 +241,94 @@ def encode_conversation(
     # Each span ends with its end-of-turn marker, so the marker survived iff the span's last token did.
     eot_trained = trained_end > 0 and trained_end <= len(input_ids)
     return Encoded(input_ids=input_ids, labels=labels, truncated=truncated, eot_trained=eot_trained)
+
+
+def _tokenize_at_edges(full_text: str, spans: list[tuple[int, int]], tokenizer: Any
+                       ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of the whole rendering, with a token boundary at every span edge.
+
+    Each span edge is a cut: the text on either side is tokenised separately, as at inference, where the
+    prompt is tokenised up to the generation prompt and generation stops at the end-of-turn marker (a
+    byte-level BPE merges "\n\n" into one token at the end of a prompt but not before "{"). A tokenizer
+    that adds text to a piece tokenised on its own (a SentencePiece dummy prefix: "▁" before the
+    piece) cannot be cut there; across such an edge the text is tokenised in one, which is how it
+    tokenises the model's output after the prompt, and a token may then not straddle the edge
+    (half prompt, half answer: it could neither be trained nor left out). Special tokens come only
+    from the template text: add_special_tokens=False avoids a second BOS.
+    """
+    edges = sorted({edge for span in spans for edge in span} - {0, len(full_text)})
+    ids, offsets = _tokenize_pieces(full_text, edges, tokenizer)
+    cuts = [cut for cut in edges if _piece_keeps_text(full_text, ids, offsets, cut, tokenizer)]
+    if cuts != edges:
+        ids, offsets = _tokenize_pieces(full_text, cuts, tokenizer)
+        for s, e in offsets:
+            k = bisect.bisect_right(edges, s)
+            if k < len(edges) and edges[k] < e:
+                raise ValueError(
+                    f"a token straddles the edge of a trained assistant turn at character {edges[k]} of the "
+                    f"rendered conversation ({full_text[s:e]!r} is one token, part prompt or template text "
+                    "and part answer), and this tokenizer changes text tokenised on its own (a dummy-prefix "
+                    "space), so the edge cannot be cut either: exactly the answer and its end-of-turn marker "
+                    "could not be trained; use a chat template with a newline, space or special token before "
+                    "the answer and an end-of-turn special token after it"
+                )
+    return ids, offsets
+
+
+def _tokenize_pieces(full_text: str, cuts: list[int], tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]]:
+    bounds = [0, *cuts, len(full_text)]
+    pieces = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if lo < hi]
+    # The backend (Rust) tokenizer directly: what `tokenizer(..., return_offsets_mapping=True)` runs,
+    # without its per-call Python overhead, which was most of the stage's time.
+    encodings = [tokenizer.backend_tokenizer.encode(full_text[lo:hi], add_special_tokens=False) for lo, hi in pieces]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for (lo, _), encoding in zip(pieces, encodings):
+        ids += encoding.ids
+        offsets += [(lo + s, lo + e) for s, e in encoding.offsets]
+    return ids, offsets
+
+
+def _piece_keeps_text(full_text: str, ids: list[int], offsets: list[tuple[int, int]], cut: int, tokenizer: Any) -> bool:
+    """Whether the first token of the piece starting at `cut` stands for just its own text."""
+    k = bisect.bisect_left(offsets, (cut, -1))
+    if k == len(offsets):
+        return True
+    return _decoded_text(ids, k, k + 1, tokenizer) == full_text[offsets[k][0]:offsets[k][1]]
+
+
+_CONTEXT_TOKENS = 4  # decoded before the tokens checked; keeps the check's cost independent of the position
+
+
+def _decoded_text(ids: list[int], first: int, stop: int, tokenizer: Any) -> str | None:
+    """The text tokens first..stop-1 add to the decoded tokens just before them (None if decoding them
+    changes those). Decoding a few tokens before them too keeps a decoder's strip of the first space of
+    what it decodes (SentencePiece's dummy prefix) off the tokens checked."""
+    context = max(0, first - _CONTEXT_TOKENS)
+    before = tokenizer.decode(ids[context:first], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    through = tokenizer.decode(ids[context:stop], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return through[len(before):] if through.startswith(before) else None
+
+
+def _check_decodes_to(ids: list[int], first: int, stop: int, text: str, tokenizer: Any) -> None:
+    """Refuse unless tokens first..stop-1 stand for exactly `text`.
+
+    The text they add to the tokens decoded just before them is compared, character for character.
+    This catches tokenizers that add text the rendering lacks: a legacy SentencePiece tokenizer puts a
+    "▁" space after every special token, so an answer right after one would be trained with a space
+    that is not in the data; a SentencePiece dummy prefix does the same to a piece tokenised on its
+    own; an unknown character becomes <unk>.
+    """
+    got = _decoded_text(ids, first, stop, tokenizer)
+    if got != text:
+        raise ValueError(
+            f"the tokens for {text[:80]!r} in the rendered conversation decode to {(got or '')[:80]!r}: the tokenizer "
+            "adds or changes text there (e.g. a legacy SentencePiece tokenizer inserts a '▁' space after "
+            "special tokens, a dummy prefix adds one to a piece tokenised on its own, an unknown character "
+            "becomes <unk>), so the trained tokens would not match the data; load the tokenizer with "
+            "legacy=False, or use a chat template that writes plain text (a space or newline) rather than a "
+            "special token right before the answer and an end-of-turn special token after it"
+        )
 
 
 def pack(

@@ -29,8 +29,9 @@ def prompts_from_conversations(records: Sequence[dict], tokenizer, chat_template
     prompts = []
     for record in records:
         messages = record["messages"]
-        history = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-        text = render(history, tokenizer, chat_template, add_generation_prompt=True)
+        # Everything but our `train` flag: tool calls and tool results are part of the history.
+        history = [{key: value for key, value in m.items() if key != "train"} for m in messages[:-1]]
+        text = render(history, tokenizer, chat_template, add_generation_prompt=True, tools=record.get("tools"))
         prompts.append(Prompt(record.get("id", str(len(prompts))), text, messages[-1]["content"]))
     return prompts
 

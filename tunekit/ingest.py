@@ -34,6 +34,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tunekit.toolcalls import ToolDataError, check_tool_results, normalise_tool_calls, normalise_tools, tool_result_fields
+
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
 TASK_FORMATS = ("classification", "token_classification", "conll", "squad")
 ALL_FORMATS = FORMATS + TASK_FORMATS
@@ -69,7 +71,7 @@ _TASK_KEYS_HELP = {
     "token_classification": 'token_classification needs "tokens" and "tags" (or .conll files)',
     "squad": 'squad needs "context", "question" and "answers"',
 }
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _BOM = b"\xef\xbb\xbf"
 _SUMMARY_REJECTS = 10
@@ -85,7 +87,8 @@ class Record:
     messages: list[dict]
     file: str
     line: int
-    id: str  # first 16 hex chars of the sha256 of the canonical messages JSON
+    id: str  # first 16 hex chars of the sha256 of the canonical messages JSON (with tools: of both)
+    tools: list[dict] | None = None  # function schemas of a tool-calling record (tunekit/toolcalls.py)
 
 
 @dataclass(frozen=True)
@@ -358,7 +361,8 @@ def _read_into(outputs: dict[str, Any], tally: _Tally, path: Path, fmt: str, max
             row = {"id": f"{name}-{item.id}" if name else item.id, "source": f"{item.file}:{item.line}",
                    "task": name or item.task, **item.fields}
         else:
-            row = {"id": item.id, "messages": item.messages, "source": f"{item.file}:{item.line}"}
+            row = {"id": item.id, "messages": item.messages, **({"tools": item.tools} if item.tools else {}),
+                   "source": f"{item.file}:{item.line}"}
         outputs[split].write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -422,12 +426,13 @@ def _read_any(path: Path, fmt: str, max_chars: int, task: str = "sft"
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
     """(line number, text, "") per physical line, read as bytes and decoded line by line so that one
     line in another encoding is that line's problem, not the file's; (line number, None, "byte 0x.. at
-    byte N") for a line that is not UTF-8. Line endings and a leading BOM are stripped, so decoder
-    positions count from the line's start."""
+    byte N") for a line that is not UTF-8. Line endings and a BOM at the line's start are stripped, so
+    decoder positions count from the line's start."""
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             raw = raw.rstrip(b"\r\n")
-            if line_no == 1 and raw.startswith(_BOM):
+            # At any line, not only the first: files joined with `cat` keep each file's BOM.
+            if raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
             try:
                 yield line_no, raw.decode("utf-8"), ""
@@ -469,7 +474,7 @@ def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
                 if found is not None:
                     detected = (found, line_no)
             if task == "sft":
-                messages = _normalise(obj, detected, max_chars)
+                messages, tools = _normalise(obj, detected, max_chars)
             else:
                 if detected is None:
                     help_ = "; ".join(_TASK_KEYS_HELP[f] for f in TASK_TYPES[task] if f in _TASK_KEYS_HELP)
@@ -486,12 +491,12 @@ def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
                                else "give one label as a string, or make every line's label a list")
                         raise _Bad("wrong_type", f"label is {_describe(obj['label'])} but the file is {kind} as "
                                                  f"decided by line {label_kind[1]}; {fix}")
-        except _Bad as bad:
+        except (_Bad, ToolDataError) as bad:
             yield Reject(name, line_no, bad.reason, bad.detail), b""
             continue
         if task == "sft":
-            digest = _digest(messages)
-            yield Record(messages, name, line_no, digest.hex()[:16]), digest
+            digest = _digest({"messages": messages, "tools": tools} if tools else messages)
+            yield Record(messages, name, line_no, digest.hex()[:16], tools), digest
         else:
             digest = _task_digest(TASK_OF_FORMAT[detected[0]], fields)
             yield TaskRecord(TASK_OF_FORMAT[detected[0]], fields, name, line_no, digest.hex()[:16]), digest
@@ -534,15 +539,21 @@ def _require_keys(obj: dict[str, Any], fmt: str, since: int) -> None:
                                    f"{', '.join(json.dumps(key) for key in missing)}; keep one format per file")
 
 
-def _normalise(obj: dict[str, Any], detected: tuple[str, int] | None, max_chars: int) -> list[dict]:
+def _normalise(obj: dict[str, Any], detected: tuple[str, int] | None, max_chars: int
+               ) -> tuple[list[dict], list[dict] | None]:
+    """The line's messages, and its tools (None unless a messages-format line has a `tools` key)."""
     if detected is None:
         raise _Bad("wrong_format", f"line has {_keys(obj)}, which match no known format, and no earlier line "
                                    f"did either; {_FORMAT_KEYS_HELP}")
     fmt, since = detected
     _require_keys(obj, fmt, since)
+    tools = None
     if fmt == "messages":
-        messages = _from_messages(obj["messages"])
+        # Exports write "tools": [] or null on records without tools.
+        tools = normalise_tools(obj["tools"]) if obj.get("tools") not in (None, []) else None
+        messages = _from_messages(obj["messages"], tools)
         _check_turns(messages, "messages")
+        check_tool_results(messages, "messages")
     elif fmt == "sharegpt":
         messages = _from_sharegpt(obj["conversations"])
         _check_turns(messages, "conversations")
@@ -551,14 +562,15 @@ def _normalise(obj: dict[str, Any], detected: tuple[str, int] | None, max_chars:
                     {"role": "assistant", "content": _text(obj["completion"], "completion")}]
     else:
         messages = _from_alpaca(obj)
-    total = sum(len(message["content"]) for message in messages)
+    total = sum(len(message["content"]) + (len(json.dumps(message["tool_calls"])) if "tool_calls" in message else 0)
+                for message in messages)
     if total > max_chars:
         raise _Bad("too_long", f"message contents total {total} characters, above ingest.max_chars = {max_chars}; "
                                "shorten or split the conversation, or raise ingest.max_chars in params.yaml")
-    return messages
+    return messages, tools
 
 
-def _from_messages(value: Any) -> list[dict]:
+def _from_messages(value: Any, tools: list[dict] | None = None) -> list[dict]:
     if not isinstance(value, list):
         raise _Bad("wrong_type", f"messages is {_describe(value)}; it must be a list of "
                                  "{\"role\": ..., \"content\": ...} objects")
@@ -570,9 +582,20 @@ def _from_messages(value: Any) -> list[dict]:
         role = item.get("role", _MISSING)
         if not isinstance(role, str):
             raise _Bad("wrong_type", f"{where}.role is {_describe(role)}; it must be one of {', '.join(_ROLES)}")
-        if role not in _ROLES:
+        if role.lower() not in _ROLES:
             raise _Bad("unknown_role", f"{where}.role is {json.dumps(role)}; use one of {', '.join(_ROLES)}")
-        message = {"role": role, "content": _content(item.get("content", _MISSING), f"{where}.content")}
+        role = role.lower()  # exports write "User", "ASSISTANT"
+        content = item.get("content", _MISSING)
+        if role == "assistant" and item.get("tool_calls") not in (None, []):
+            # A turn that only calls tools has no text (OpenAI writes null).
+            text = "" if content in (_MISSING, None, "") else _content(content, f"{where}.content")
+            message = {"role": role, "content": text,
+                       "tool_calls": normalise_tool_calls(item["tool_calls"], f"{where}.tool_calls", tools)}
+        elif role == "tool":
+            message = {"role": role, "content": _text(content, f"{where}.content", allow_empty=True),
+                       **tool_result_fields(item, where)}
+        else:
+            message = {"role": role, "content": _content(content, f"{where}.content")}
         if "train" in item:
             if not isinstance(item["train"], bool):
                 raise _Bad("wrong_type", f"{where}.train is {_describe(item['train'])}; use true or false")
@@ -616,11 +639,11 @@ def _from_sharegpt(value: Any) -> list[dict]:
         if not isinstance(source, str):
             raise _Bad("wrong_type", f"{where}.from is {_describe(source)}; it must be one of "
                                      f"{', '.join(_SHAREGPT_ROLES)}")
-        if source not in _SHAREGPT_ROLES:
+        if source.lower() not in _SHAREGPT_ROLES:
             raise _Bad("unknown_role",
                        f"{where}.from is {json.dumps(source)}; use one of {', '.join(_SHAREGPT_ROLES)}")
         content = _text(item.get("value", _MISSING), f"{where}.value")
-        messages.append({"role": _SHAREGPT_ROLES[source], "content": content})
+        messages.append({"role": _SHAREGPT_ROLES[source.lower()], "content": content})
     return messages
 
 
@@ -671,7 +694,7 @@ def _check_turns(messages: list[dict], where: str) -> None:
                    "the assistant reply, or drop the trailing messages")
 
 
-def _digest(messages: list[dict]) -> bytes:
+def _digest(messages: list[dict] | dict) -> bytes:
     canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).digest()
 
