@@ -27,7 +27,7 @@ from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
 
 from tunekit.io import git_commit  # noqa: E402
 from tunekit.params import ProjectParams, flatten, load_all  # noqa: E402
-from tunekit.tracking import PARENT_RUN_ENV, log_metrics, setup_mlflow  # noqa: E402
+from tunekit.tracking import PARENT_RUN_ENV, log_metrics, process_tags, setup_mlflow  # noqa: E402
 
 STAGES = ("demo", "base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting", "export")
 LOCK_MESSAGE = "Unable to acquire lock"  # DVC's repository lock (.dvc/tmp/lock)
@@ -103,7 +103,8 @@ def pipeline(stages: list[str] | None = None, force: bool = False, run_name: str
     project: ProjectParams = sections["project"]  # type: ignore[assignment]
 
     mlflow = setup_mlflow(project.experiment)
-    with mlflow.start_run(run_name=run_name, tags={"git.commit": git_commit(), "stages": ",".join(selected)}) as parent:
+    with mlflow.start_run(run_name=run_name, tags={"git.commit": git_commit(), "stages": ",".join(selected),
+                                                    **process_tags()}) as parent:
         # Every section's params on the parent too, so the UI's compare page shows which ones differ.
         mlflow.log_params({key: str(value)[:6000] for name, section in sections.items()
                            for key, value in flatten(name, section).items()})
