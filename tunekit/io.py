@@ -66,9 +66,21 @@ def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    check_owner(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        check_owner(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` without its wall-clock figures (`seconds`, `*_seconds`, `*_per_second`, nested too): what a
+    stage writes to its DVC metrics file, which dvc.lock hashes, so the same inputs give the same file. The
+    timings go to the stage's MLflow run."""
+    return {key: without_timings(value) if isinstance(value, dict) else value for key, value in metrics.items()
+            if not (key == "seconds" or key.endswith(("_seconds", "_per_second")))}
 
 
 def read_json(path: Path) -> Any:
