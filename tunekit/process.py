@@ -1,11 +1,14 @@
 """What every stage process does for itself: stop when the `dvc` that ran it is gone, publish an output only
-while that `dvc` still holds it, clear what dead runs left behind, and report expected errors as one message.
+while that `dvc` still holds it, and report expected errors as one message (tunekit.io and tunekit.tracking
+clear what killed runs left behind).
 
 `dvc repro` runs a stage's command as its child (through the user's shell) and write-locks the stage's
 outputs in `.dvc/tmp/rwlock` under its own pid. After `kill -9` of that `dvc`, the stage would carry on as
 an orphan while a new `dvc repro` takes the dead lock over, restores the outputs, and is then overwritten by
-the orphan. So a stage started by DVC (`DVC_STAGE` set) finds the `dvc` process that holds its lock, dies
-with its parent (PR_SET_PDEATHSIG), watches that `dvc` from a thread, and checks it again before each publish.
+the orphan. So a stage started by DVC (`DVC_STAGE` set) finds the `dvc` process that holds its lock, gets
+SIGTERM when its parent dies (PR_SET_PDEATHSIG; the shell may sit between, so a thread also watches that
+`dvc`), unwinds on SIGTERM (temp dirs removed, MLflow run FAILED), and checks the owner again before each
+publish (atomic_dir, write_json).
 Leaf module: no tunekit imports.
 """
 
@@ -129,12 +132,17 @@ def check_owner(target: Path) -> None:
 def _watch(owner: Owner) -> None:
     while process_alive(owner.pid, owner.started):
         time.sleep(WATCH_INTERVAL)
-    log.error("the dvc process (pid %d) that ran this stage is gone: stopping, nothing is published", owner.pid)
-    import _thread
-
-    _thread.interrupt_main()  # unwinds: atomic_dir drops its temp dir, the MLflow run ends FAILED
-    time.sleep(KILL_GRACE)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(KILL_GRACE)  # the main thread is stuck (a signal handler runs between bytecodes only)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stop(signum, frame) -> None:
+    """SIGTERM (from the kernel when the parent dies, the watch thread, or anyone): unwind, so that atomic_dir
+    drops its temp dir and the MLflow run ends FAILED, instead of vanishing mid-write."""
+    if _owner is not None and not process_alive(_owner.pid, _owner.started):
+        raise SystemExit(f"the dvc process (pid {_owner.pid}) that ran this stage is gone: stopped, nothing published")
+    raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
@@ -153,6 +161,7 @@ def guard_stage() -> Owner | None:
     if _owner is None:
         return None
     parent = os.getppid()
+    signal.signal(signal.SIGTERM, _stop)
     die_with_parent()
     if os.getppid() != parent or not process_alive(_owner.pid, _owner.started):  # it died before prctl took effect
         raise SystemExit(f"the dvc process (pid {_owner.pid}) that ran this stage is gone; not starting")
