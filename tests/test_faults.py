@@ -4,12 +4,14 @@ publishes nothing, its MLflow run ends FAILED, and bad inputs print their messag
 
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flows.pipeline import stage_error
 from tests.tiny_project import build_project
 
 pytestmark = pytest.mark.slow
@@ -50,10 +52,16 @@ def test_a_params_typo_under_dvc_repro_keeps_the_previous_outputs(project):
     good = edit_params(root, "finetune", lambda s: s.update(learning_rate=s.pop("lr")))
     try:
         output = repro(root, env, "finetune", ok=False)
+        flow = subprocess.run([sys.executable, "-m", "flows.pipeline", "--stages", "finetune"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
     finally:
         (root / "params.yaml").write_text(good)
-    assert "finetune.learning_rate: unknown key (value 0.002); did you mean finetune.lr?" in output
-    assert "Traceback" not in output, output
+    hint = "finetune.learning_rate: unknown key (value 0.002); did you mean finetune.lr?"
+    assert hint in output and "Traceback" not in output, output
+    # What the flow makes of it: the stage's message alone as the run's state message ...
+    assert stage_error(output) == f"1 problem(s) in params section 'finetune':\n  - params.yaml: {hint}"
+    # ... and the flow itself reports it once, before Prefect or any stage starts.
+    assert flow.returncode == 1 and flow.stderr.count(hint) == 1 and "Traceback" not in flow.stderr, flow.stderr
     # The failure: DVC used to delete models/finetune before the stage read its params.
     assert snapshot(root / "models/finetune") == before and (root / "metrics/finetune.json").read_bytes() == metrics
     assert "up to date" in subprocess.run(["dvc", "status", "finetune"], cwd=root, env=env, capture_output=True,

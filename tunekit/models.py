@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import struct
 from importlib import metadata
 from pathlib import Path
 
@@ -179,11 +180,11 @@ def load_source(spec: str, dtype: str = "float32", trust_remote_code: bool = Fal
     if kind == "gguf":
         try:
             model, tokenizer = _load_gguf(Path(location))
-        except (ValueError, OSError, KeyError, RuntimeError) as exc:
-            if isinstance(exc, ModelSourceError):
-                raise
+        except ModelSourceError:
+            raise
+        except (ValueError, OSError, KeyError, IndexError, RuntimeError, struct.error) as exc:
             raise ModelSourceError(f"base.model: {location} is not a readable GGUF file (truncated or corrupt?): "
-                                   f"{type(exc).__name__}: {exc}") from exc
+                                   f"{exc}") from exc
     else:
         if kind == "local":
             check_weights(Path(location), f"base.model: {spec}")
