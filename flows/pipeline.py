@@ -118,9 +118,10 @@ def stage_error(output: str) -> str | None:
 
 
 @flow(name="tunekit-pipeline", log_prints=True)
-def pipeline(stages: list[str] | None = None, force: bool = False, run_name: str = "pipeline") -> dict:
+def pipeline(stages: list[str] | None = None, force: bool = False, run_name: str = "pipeline") -> dict | State:
     """Run `stages` (default: all, in DAG order) under one MLflow parent run (named `run_name`, e.g.
-    the variant it tries, for the MLflow UI's comparison) and return every stage's metrics."""
+    the variant it tries, for the MLflow UI's comparison) and return every stage's metrics. A params problem
+    or a stage's expected error ends the run Failed with that message (and the parent run FAILED)."""
     selected = list(stages or STAGES)
     unknown = [s for s in selected if s not in STAGES]
     if unknown:
