@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,11 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
+from prefect.states import Failed, State  # noqa: E402
 
 from tunekit.io import git_commit  # noqa: E402
-from tunekit.params import ProjectParams, flatten, load_all  # noqa: E402
-from tunekit.tracking import PARENT_RUN_ENV, log_metrics, setup_mlflow  # noqa: E402
+from tunekit.params import ParamsError, ProjectParams, flatten, load_all  # noqa: E402
+from tunekit.tracking import PARENT_RUN_ENV, log_metrics, process_tags, setup_mlflow  # noqa: E402
 
 STAGES = ("demo", "base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting", "export")
 LOCK_MESSAGE = "Unable to acquire lock"  # DVC's repository lock (.dvc/tmp/lock)
@@ -71,7 +73,7 @@ LOCK_RETRIES, LOCK_RETRY_DELAY = 3, 15  # a second flow run waits up to about a 
 
 @task(cache_policy=NO_CACHE, retries=LOCK_RETRIES, retry_delay_seconds=LOCK_RETRY_DELAY,
       retry_condition_fn=_retry_only_on_lock, task_run_name="dvc repro {stage}")
-def repro(stage: str, force: bool, parent_run_id: str) -> None:
+def repro(stage: str, force: bool, parent_run_id: str) -> State | None:
     logger = get_run_logger()
     cmd = ["dvc", "repro", *(["--force", "--single-item"] if force else []), stage]
     logger.info("running: %s", " ".join(cmd))
@@ -88,27 +90,61 @@ def repro(stage: str, force: bool, parent_run_id: str) -> None:
             f"{LOCK_RETRY_DELAY} s apart; if this is the final state, run again when the other one has finished "
             f"(or run it in its own clone). Last output:\n{tail}")
     if code != 0:
+        # The stage's own error (tunekit.process prints it as `error: ...`) is the run's message, without a
+        # traceback: the stage's output above already showed it once. Anything else keeps the last lines.
+        error = stage_error(tail)
+        if error is not None:
+            return Failed(message=f"StageFailed: stage {stage!r} failed (exit {code}): {error}")
         raise StageFailed(f"stage {stage!r} failed (exit {code}). Last output:\n{tail}")
 
 
+LOG_LINE = re.compile(r"^(\d\d:\d\d:\d\d|\d{4}/\d\d/\d\d \d\d:\d\d:\d\d) |^> |^Running stage ")  # logs, DVC's echo
+
+
+def stage_error(output: str) -> str | None:
+    """The expected error a failed stage printed last, before DVC's own `ERROR:` line: its `error: ...` message
+    (tunekit.process), else the lines a `SystemExit(message)` left after the last log line. None when the
+    output holds a traceback (an unexpected error: its last lines are the report)."""
+    lines = output.splitlines()
+    end = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("ERROR: ")), len(lines))
+    if any(line.startswith("Traceback (most recent call last)") for line in lines[:end]):
+        return None
+    start = next((i for i in range(end - 1, -1, -1) if lines[i].startswith("error: ")), None)
+    if start is None:
+        start = end
+        while start > 0 and lines[start - 1].strip() and not LOG_LINE.match(lines[start - 1]):
+            start -= 1
+    return "\n".join(lines[start:end]).removeprefix("error: ").strip() or None
+
+
 @flow(name="tunekit-pipeline", log_prints=True)
-def pipeline(stages: list[str] | None = None, force: bool = False, run_name: str = "pipeline") -> dict:
+def pipeline(stages: list[str] | None = None, force: bool = False, run_name: str = "pipeline") -> dict | State:
     """Run `stages` (default: all, in DAG order) under one MLflow parent run (named `run_name`, e.g.
-    the variant it tries, for the MLflow UI's comparison) and return every stage's metrics."""
+    the variant it tries, for the MLflow UI's comparison) and return every stage's metrics. A params problem
+    or a stage's expected error ends the run Failed with that message (and the parent run FAILED)."""
     selected = list(stages or STAGES)
     unknown = [s for s in selected if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
-    sections = load_all()  # every params problem reported before anything runs
+    try:
+        sections = load_all()  # every params problem reported before anything runs
+    except ParamsError as exc:
+        return Failed(message=str(exc))  # the message alone: a traceback would only repeat it
     project: ProjectParams = sections["project"]  # type: ignore[assignment]
 
     mlflow = setup_mlflow(project.experiment)
-    with mlflow.start_run(run_name=run_name, tags={"git.commit": git_commit(), "stages": ",".join(selected)}) as parent:
+    with mlflow.start_run(run_name=run_name, tags={"git.commit": git_commit(), "stages": ",".join(selected),
+                                                    **process_tags()}) as parent:
         # Every section's params on the parent too, so the UI's compare page shows which ones differ.
         mlflow.log_params({key: str(value)[:6000] for name, section in sections.items()
                            for key, value in flatten(name, section).items()})
         for stage in [s for s in STAGES if s in selected]:
-            repro(stage, force, parent.info.run_id)
+            state = repro(stage, force, parent.info.run_id, return_state=True)
+            if state.is_failed():
+                if state.message is None or not state.message.startswith("StageFailed: "):
+                    state.result()  # an unexpected failure: raised, with its traceback
+                mlflow.end_run("FAILED")
+                return Failed(message=state.message)
         # Stages restored from DVC's cache did not run, so their numbers come from their metrics files.
         metrics = {}
         for stage in STAGES:
@@ -152,7 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="re-run the selected stages even if cached")
     parser.add_argument("--run-name", default="pipeline", help="name of the MLflow parent run (default: pipeline)")
     args = parser.parse_args(argv)
-    metrics = pipeline(stages=args.stages, force=args.force, run_name=args.run_name)
+    try:
+        load_all()  # reported here, before Prefect starts, as the message alone
+    except ParamsError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    state = pipeline(stages=args.stages, force=args.force, run_name=args.run_name, return_state=True)
+    if state.is_failed() and (state.message or "").startswith("StageFailed: "):
+        raise SystemExit(1)  # the stage printed its error, and Prefect logged the state: nothing to add
+    metrics = state.result()
     summary = metrics.get("evaluate", {})
     for name in ("base", "few_shot", "dapt", "tuned", "merged"):
         if isinstance(summary.get(name), dict):

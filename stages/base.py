@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from tunekit.io import atomic_dir, content_hash, write_json, write_meta
-from tunekit.models import is_encoder_config, load_source
+from tunekit.models import classify_source, is_encoder_config, load_source, portable_location
 from tunekit.params import BaseModelParams, ProjectParams, load_section
 from tunekit.tracking import configure_logging, log_metrics, stage_run
 
@@ -36,7 +36,8 @@ def run(params: BaseModelParams, out: Path) -> dict:
         tokenizer.save_pretrained(tmp)
         source_hash = content_hash(Path(location)) if kind != "hub" else str(location)
         write_meta(tmp, "base", params.model_dump(),
-                   extra={"source": {"spec": params.model, "kind": kind, "location": str(location), "hash": source_hash}})
+                   extra={"source": {"spec": params.model, "kind": kind, "location": portable_location(params.model, location),
+                                     "hash": source_hash}})
 
     parameters = sum(p.numel() for p in model.parameters())
     return {"parameters": parameters, "vocab_size": len(tokenizer), "layers": int(getattr(model.config, "num_hidden_layers", 0)),
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     project: ProjectParams = load_section("project")
     params: BaseModelParams = load_section("base")
 
-    with stage_run("base", project.experiment, params, tags={"base.model": params.model}) as mlflow:
+    tags = {"base.model": params.model, "base.location": str(classify_source(params.model)[1])}
+    with stage_run("base", project.experiment, params, tags=tags) as mlflow:
         metrics = run(params, args.out)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)

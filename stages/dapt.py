@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from tunekit.forgetting import load_probe
-from tunekit.io import atomic_dir, content_hash, read_meta, write_json, write_meta
+from tunekit.io import atomic_dir, content_hash, read_meta, without_timings, write_json, write_meta
 from tunekit.methods import get_method, parameter_counts
 from tunekit.models import PASSTHROUGH, compute_device, load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import DaptParams, FinetuneParams, ProjectParams, load_section
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     tags = {"enabled": str(params.enabled).lower(), "method": params.method, **data_tags(inputs=Path(params.inputs))}
     with stage_run("dapt", project.experiment, params, tags=tags, system_metrics=params.enabled) as mlflow:
         metrics, curves = run(params, project.seed, args.model, args.out, args.plots, args.checkpoints)
-        write_json(args.metrics, metrics)
+        write_json(args.metrics, without_timings(metrics))
         log_metrics(mlflow, metrics)
         for point in curves["history"]:
             mlflow.log_metrics({"train_loss": point["train_loss"], "lr": point["lr"]}, step=point["step"])

@@ -42,7 +42,7 @@ import torch
 
 from tunekit.card import write_card
 from tunekit.heads import TaskObjective
-from tunekit.io import atomic_dir, content_hash, read_jsonl, read_meta, write_json, write_meta
+from tunekit.io import atomic_dir, content_hash, read_jsonl, read_meta, without_timings, write_json, write_meta
 from tunekit.methods import Method, method_for, parameter_counts
 from tunekit.models import compute_device, load_tokenizer, set_threads
 from tunekit.params import FinetuneParams, ProjectParams, TemplateParams, load_section
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics, curves = run(params, project.seed, args.model, args.data, args.out, args.plots, args.checkpoints,
                                   template.max_length, load_section("task"))
             if rank == 0:
-                write_json(args.metrics, metrics)
+                write_json(args.metrics, without_timings(metrics))
                 log_metrics(mlflow, metrics)
                 for point in curves["history"]:
                     mlflow.log_metrics({"train_loss": point["train_loss"], "lr": point["lr"]}, step=point["step"])

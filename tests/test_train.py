@@ -111,3 +111,36 @@ def test_training_lowers_the_loss_and_early_stopping_restores_the_best_weights(r
     assert state.best_step < state.step
     restored = evaluate_loss(model, val, pad, 8)["loss"]
     assert restored == pytest.approx(state.best_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("every, checkpoints", [(10, [10]), ("auto", [4, 6, 8, 10, 12, 14, 16, 18])])
+def test_checkpoint_every_auto_bounds_the_work_a_kill_loses(rows, smollm2_tokenizer, tmp_path, monkeypatch, every,
+                                                            checkpoints):
+    """A fixed checkpoint_every of half the run: a kill in the first half lost everything. auto checkpoints every
+    tenth of the run when that is sooner than every CHECKPOINT_TARGET_SECONDS, from the step after the timed
+    ones on (the 30 s floor is lifted here: the tiny model's whole run is shorter than that)."""
+    from tunekit import train as train_module
+
+    monkeypatch.setattr(train_module, "CHECKPOINT_MIN_SECONDS", 0.0)
+    saved = []
+
+    def record(state):
+        saved.extend(step for step in (int(p.name.split("-")[1]) for p in (tmp_path / "ckpt").glob("step-*"))
+                     if step not in saved)
+
+    cfg = TrainConfig(epochs=1, max_steps=20, lr=1e-3, batch_size=4, eval_every=1000, checkpoint_every=every, seed=0)
+    train(tiny_llama(len(smollm2_tokenizer)), rows, [], cfg, smollm2_tokenizer.pad_token_id, tmp_path / "ckpt",
+          on_step=record)
+    assert saved == checkpoints
+
+
+def test_auto_checkpoint_interval_loses_at_most_a_few_minutes_and_never_checkpoints_in_a_rush():
+    from tunekit.train import CHECKPOINT_MIN_SECONDS, CHECKPOINT_TARGET_SECONDS, auto_checkpoint_interval
+
+    assert (CHECKPOINT_MIN_SECONDS, CHECKPOINT_TARGET_SECONDS) == (30, 180)
+    assert auto_checkpoint_interval(10.0, 10_000) == 18      # slow steps: every 3 minutes
+    assert auto_checkpoint_interval(6.0, 40) == 5            # a tenth of the run would be every 24 s: every 30 s
+    assert auto_checkpoint_interval(0.5, 100_000) == 360     # long fast run: every 3 minutes
+    assert auto_checkpoint_interval(0.5, 1_000) == 100       # 8-minute run: every tenth
+    assert auto_checkpoint_interval(0.01, 1_000) == 3000     # a 10 s run is not worth a checkpoint
+    assert auto_checkpoint_interval(600.0, 10) == 1          # 10-minute steps: every step

@@ -216,8 +216,7 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
            "| | |", "|---|---|",
            f"| base model | {base_text} |",
            f"| method | `{method}` |",
-           f"| checkpoint hash | `{str(meta.get('hash', ''))[:16]}` (sha256 of the weight files) |",
-           f"| git commit | `{meta.get('git_commit', 'unknown')}` |", ""]
+           f"| checkpoint hash | `{str(meta.get('hash', ''))[:16]}` (sha256 of the weight files) |", ""]
 
     out += ["## Params", "", "The fine-tuning params, as resolved (`finetune` section of params.yaml):", "",
             "```json", json.dumps(tuned.get("params") or meta.get("params") or {}, indent=2, sort_keys=True), "```", ""]

@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tunekit.process import check_owner, process_alive
+
 META_FILE = "meta.json"
 TRACKED_LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "accelerate", "mlflow", "dvc", "prefect")
 
@@ -26,11 +28,13 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        check_owner(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -41,13 +45,42 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     os.replace(tmp, target)
 
 
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove the temporary siblings (`.<name>.tmp-<pid>`) of `target` that killed processes left behind
+    (a killed merge leaves a whole checkpoint there); those of live processes are theirs."""
+    removed = []
+    for tmp in Path(target).parent.glob(f".{Path(target).name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename) so readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        check_owner(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` without its wall-clock figures (`seconds`, `*_seconds`, `*_per_second`, nested too): what a
+    stage writes to its DVC metrics file, which dvc.lock hashes, so the same inputs give the same file. The
+    timings go to the stage's MLflow run."""
+    return {key: without_timings(value) if isinstance(value, dict) else value for key, value in metrics.items()
+            if not (key == "seconds" or key.endswith(("_seconds", "_per_second")))}
 
 
 def read_json(path: Path) -> Any:
@@ -111,8 +144,11 @@ def write_meta(checkpoint_dir: Path, stage: str, params: dict[str, Any], parent:
                data: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write `meta.json` into a finished checkpoint: what made it, from what, with what.
 
-    Later stages read lineage from here instead of re-declaring it ("None = inherit").
+    Later stages read lineage from here instead of re-declaring it ("None = inherit"). Only what the inputs
+    determine goes in (no commit, time or absolute path: those are MLflow tags), so that the same inputs
+    give the same bytes and DVC hash on any clone.
     """
+    canonicalise_adapter_configs(checkpoint_dir)
     parent_meta = read_meta(parent) if parent is not None else None
     meta = {
         "stage": stage,
@@ -123,13 +159,38 @@ def write_meta(checkpoint_dir: Path, stage: str, params: dict[str, Any], parent:
             "stage": parent_meta["stage"] if parent_meta else None,
         },
         "data": data or {},
-        "git_commit": git_commit(),
         "versions": library_versions(),
         "hash": content_hash(checkpoint_dir),
         **(extra or {}),
     }
     write_json(Path(checkpoint_dir) / META_FILE, meta)
     return meta
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def canonicalise_adapter_configs(checkpoint_dir: Path) -> list[Path]:
+    """Rewrite every PEFT `adapter_config.json` under `checkpoint_dir` with its list values sorted where
+    order carries no meaning and its keys sorted. PEFT keeps `target_modules` and friends as sets and
+    writes them in hash order, which differs from process to process: the same adapter would get a
+    different file, directory hash and DVC key on each run."""
+    rewritten = []
+    for path in sorted(Path(checkpoint_dir).rglob(ADAPTER_CONFIG)):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        for key, value in config.items():
+            if key in SET_VALUED_ADAPTER_KEYS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                config[key] = sorted(value)
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        if text != path.read_text(encoding="utf-8"):
+            path.write_text(text, encoding="utf-8")
+            rewritten.append(path)
+    return rewritten
+
+
+# The PEFT config fields that its configs' __post_init__ turn into sets: their order in the file is the set's
+# iteration order, which string hashing randomises per process.
+SET_VALUED_ADAPTER_KEYS = frozenset({"target_modules", "exclude_modules", "feedforward_modules"})
 
 
 def read_meta(checkpoint_dir: Path) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import struct
 from importlib import metadata
 from pathlib import Path
 
@@ -101,6 +102,54 @@ def classify_source(spec: str) -> tuple[str, Path | str]:
     )
 
 
+def portable_location(spec: str, location: Path | str) -> str:
+    """Where `base.model` was found, as meta.json records it: the same on every clone and machine. The
+    embedded models as `<package>:<file inside it>`, paths inside the project relative to it, other paths
+    as `base.model` gives them (the absolute location is the MLflow tag `base.location`)."""
+    if spec in (EMBEDDED, MINILM):
+        package = EMBEDDED_PACKAGE if spec == EMBEDDED else MINILM_PACKAGE
+        root = Path(metadata.distribution(package).locate_file(""))
+        return f"{package}:{Path(location).relative_to(root).as_posix()}"
+    if isinstance(location, str):
+        return location  # a hub id
+    try:
+        return Path(location).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return spec
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file `path` cannot be loaded (truncated, corrupt header), or None when its header
+    is sound and the file holds every byte the header describes. Cheap: reads the header only."""
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"truncated: {size} bytes, not even the 8-byte header length"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"truncated or corrupt: its header claims {length} bytes but the file holds {size}"
+        try:
+            header = json.loads(handle.read(length))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            return f"corrupt: its header is not valid safetensors JSON ({exc})"
+    if 8 + length + end > size:
+        return f"truncated: {size} bytes, but its tensors need {8 + length + end}"
+    return None
+
+
+def check_weights(directory: Path, name: str, fix: str = "") -> None:
+    """Raise ModelSourceError naming `name` (the param or checkpoint that points here) for the first
+    truncated or corrupt *.safetensors file in `directory`."""
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ModelSourceError(f"{name}: {file} is {problem}{fix}")
+
+
 def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,8 +178,16 @@ def load_source(spec: str, dtype: str = "float32", trust_remote_code: bool = Fal
     kind, location = classify_source(spec)
     log.info("base model: %s (%s)", location, kind)
     if kind == "gguf":
-        model, tokenizer = _load_gguf(Path(location))
+        try:
+            model, tokenizer = _load_gguf(Path(location))
+        except ModelSourceError:
+            raise
+        except (ValueError, OSError, KeyError, IndexError, RuntimeError, struct.error) as exc:
+            raise ModelSourceError(f"base.model: {location} is not a readable GGUF file (truncated or corrupt?): "
+                                   f"{exc}") from exc
     else:
+        if kind == "local":
+            check_weights(Path(location), f"base.model: {spec}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(location), trust_remote_code=trust_remote_code)
             config = AutoConfig.from_pretrained(str(location), trust_remote_code=trust_remote_code)
@@ -141,6 +198,14 @@ def load_source(spec: str, dtype: str = "float32", trust_remote_code: bool = Fal
         except OSError as exc:
             hint = " (hub ids need network access; set base.model to a local directory or .gguf file)" if kind == "hub" else ""
             raise ModelSourceError(f"base.model {spec!r}: {exc}{hint}") from exc
+        except ValueError as exc:
+            if "trust_remote_code" not in str(exc):
+                raise ModelSourceError(f"base.model {spec!r} cannot be loaded: {exc}") from exc
+            raise ModelSourceError(
+                f"base.model {spec!r} needs Python code shipped with the checkpoint (config.json auto_map) to load, and "
+                "base.trust_remote_code is false: that code would run with your permissions. Set "
+                "base.trust_remote_code: true only for a source you trust, or pick a model transformers supports natively"
+            ) from None
     return model.to(DTYPES[dtype]), tokenizer, kind, location
 
 
@@ -198,7 +263,9 @@ def load_causal_lm(path: Path, dtype: str = "float32", device: torch.device | st
     """A causal LM from safetensors, on `device` (default: `compute_device()`)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_checkpoint(path)), dtype=DTYPES[dtype], use_safetensors=True)
+    weights = resolve_checkpoint(path)
+    check_weights(weights, f"checkpoint {path}", f"; restore it with `dvc checkout {path}` or re-run the stage that writes it")
+    model = AutoModelForCausalLM.from_pretrained(str(weights), dtype=DTYPES[dtype], use_safetensors=True)
     return model.to(device or compute_device())
 
 

@@ -6,8 +6,9 @@ with the key, the value given, and what would be valid.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -290,12 +291,21 @@ class LoopParams(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(20, gt=0)
     early_stopping_patience: int | None = Field(3, gt=0)
-    checkpoint_every: int = Field(20, gt=0)
+    # steps between resumable checkpoints; auto: every ~3 minutes of training (a tenth of the run when that is
+    # sooner, never more often than every 30 s), from the time of the first steps (tunekit/train.py)
+    checkpoint_every: Literal["auto"] | int = "auto"
     # auto: the feed-forward blocks where the model has them (Llama-style decoders), else none; mlp: those, or an
     # error; true: every layer (~0.5x peak memory, ~1.45x time); false: none
     gradient_checkpointing: bool | Literal["mlp", "auto"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA only
     threads: int = Field(0, ge=0)
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value: Any) -> Any:
+        if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ValueError("use a positive number of optimizer steps, or auto")
+        return value
 
     def loop_config(self) -> dict[str, Any]:
         """The TrainConfig keyword arguments these params set."""
@@ -456,7 +466,6 @@ class DaptParams(LoopParams):
     lr: float | None = Field(None, gt=0)  # None: 1e-4 for lora, 2e-5 for full
     batch_size: int = Field(4, gt=0)
     eval_every: int = Field(10, gt=0)
-    checkpoint_every: int = Field(10, gt=0)
 
     @property
     def learning_rate(self) -> float:
@@ -496,9 +505,68 @@ def read_params_file(path: Path = PARAMS_FILE) -> dict[str, Any]:
     return data
 
 
-def _describe(error: dict[str, Any], section: str, path: Path) -> str:
+# Names other tools (transformers' TrainingArguments, peft's LoraConfig) use for keys these sections spell otherwise.
+KEY_ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "n_epochs": "epochs",
+               "epoch": "epochs", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+               "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum", "rank": "r",
+               "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "steps": "max_steps",
+               "save_steps": "checkpoint_every", "eval_steps": "eval_every", "warmup": "warmup_ratio",
+               "lr_scheduler_type": "schedule", "max_seq_length": "max_length", "model_name_or_path": "model"}
+
+
+def closest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key `key` most likely means: a known alias (learning_rate -> lr), its initials
+    (learning_rate -> lr), or the nearest spelling (difflib)."""
+    if KEY_ALIASES.get(key) in valid:
+        return KEY_ALIASES[key]
+    initials = "".join(word[0] for word in key.split("_") if word)
+    if "_" in key and initials in valid:
+        return initials
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The params model that holds the key at `loc` (a pydantic error location below `model`)."""
+    parts = list(loc)
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
+        if field is None:
+            return None
+        annotation, nested = field.annotation, None
+        candidates = [annotation]
+        while candidates and nested is None:
+            candidate = candidates.pop(0)
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                nested = candidate
+            elif get_origin(candidate) is dict and parts:
+                parts.pop(0)  # a dict key (task.tasks.<name>)
+                candidates = list(get_args(candidate)[1:])
+            else:
+                candidates.extend(get_args(candidate))
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _unknown_key(error: dict[str, Any], section: str, path: Path, model: type[BaseModel]) -> str:
+    loc = tuple(part for part in error["loc"] if part != "[key]")
+    key = ".".join(str(part) for part in (section, *loc))
+    holder = _model_at(model, loc[:-1])
+    valid = sorted(holder.model_fields) if holder is not None else []
+    guess = closest_key(str(loc[-1]), valid) if valid else None
+    prefix = ".".join(str(part) for part in (section, *loc[:-1]))
+    hint = f"; did you mean {prefix}.{guess}?" if guess else ""
+    listing = f"; valid keys of {prefix}: {', '.join(valid)}" if valid and not guess else ""
+    return f"{path}: {key}: unknown key (value {error['input']!r}){hint}{listing}"
+
+
+def _describe(error: dict[str, Any], section: str, path: Path, model: type[BaseModel] | None = None) -> str:
     key = ".".join(str(part) for part in (section, *error["loc"]) if part != "[key]")  # [key]: a dict key's own error
     if error["type"] == "extra_forbidden":
+        if model is not None:
+            return _unknown_key(error, section, path, model)
         return f"{path}: {key}: unknown key (value {error['input']!r}); check the spelling against the documented keys"
     if error["type"] != "missing" and isinstance(error["input"], dict):  # a whole (sub-)section: its repr would bury the message
         return f"{path}: {key}: {error['msg']}"
@@ -510,7 +578,7 @@ def validate_section(section: str, raw: dict[str, Any] | None, model: type[S], p
     try:
         return model.model_validate(raw or {})
     except ValidationError as exc:
-        problems = "\n".join("  - " + _describe(err, section, path) for err in exc.errors())
+        problems = "\n".join("  - " + _describe(err, section, path, model) for err in exc.errors())
         raise ParamsError(f"{len(exc.errors())} problem(s) in params section '{section}':\n{problems}") from None
 
 
@@ -523,7 +591,11 @@ def load_all(path: Path = PARAMS_FILE) -> dict[str, Section]:
     """Validate every section at once (used by the flow before anything runs)."""
     data = read_params_file(path)
     unknown = sorted(set(data) - set(SECTIONS))
-    problems: list[str] = [f"  - {path}: {name}: unknown section; valid: {', '.join(SECTIONS)}" for name in unknown]
+    problems: list[str] = []
+    for name in unknown:
+        guess = closest_key(str(name), list(SECTIONS))
+        problems.append(f"  - {path}: {name}: unknown section"
+                        + (f"; did you mean {guess}?" if guess else f"; valid: {', '.join(SECTIONS)}"))
     sections: dict[str, Section] = {}
     for name, model in SECTIONS.items():
         try:

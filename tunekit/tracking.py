@@ -11,12 +11,14 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tunekit.io import content_hash, git_commit
 from tunekit.params import flatten
+from tunekit.process import process_alive, start_time
 
 PARENT_RUN_ENV = "TUNEKIT_PARENT_RUN_ID"
 EXPERIMENT_ENV = "TUNEKIT_EXPERIMENT"
@@ -63,17 +65,88 @@ def setup_mlflow(experiment: str, root: Path | None = None):
     name = os.environ.get(EXPERIMENT_ENV, experiment)
     with _sqlite_init_lock(uri):
         existing = mlflow.get_experiment_by_name(name)  # the first access creates and migrates a new store
+    location = project_artifact_location(uri)
     if existing is None:
-        # Keep artifacts beside the sqlite store rather than wherever the process happens to run.
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
         try:
             mlflow.create_experiment(name, artifact_location=location)
         except mlflow.exceptions.MlflowException:
             pass  # created meanwhile by another process
-    mlflow.set_experiment(name)
+    elif location is not None and existing.artifact_location != location:
+        with _sqlite_init_lock(uri):
+            relocate_artifacts(uri, existing.experiment_id, existing.artifact_location, location)
+    experiment = mlflow.set_experiment(name)
+    fail_dead_runs(mlflow, experiment.experiment_id)
     return mlflow
+
+
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def project_artifact_location(uri: str) -> str | None:
+    """The artifact root of the project's own sqlite store: `mlartifacts/` beside it (not wherever the process
+    happens to run). None for any other store, whose server or admin decides."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR).as_uri()
+
+
+def relocate_artifacts(uri: str, experiment_id: str, old: str, new: str) -> int:
+    """Point the experiment, its runs, logged models and model versions from the artifact root `old` to `new`.
+
+    MLflow stores absolute artifact URIs (it resolves even a relative artifact_location when the experiment
+    is created, and copies it into every run), so a project copied or moved with its mlflow.db would go on
+    writing into, and reading from, the original's mlartifacts/. MLflow has no API to change an artifact
+    location: this updates the project's own sqlite store in place. Only a root that is some project's
+    mlartifacts/ moves; a location chosen by hand is left alone. Returns the rows changed."""
+    if not old.startswith("file:") or not old.rstrip("/").endswith("/" + ARTIFACTS_DIR):
+        return 0
+    import sqlite3
+
+    old = old.rstrip("/")
+    columns = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
+               ("model_versions", "source"), ("model_versions", "storage_location"))
+    changed = 0
+    with contextlib.closing(sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=60)) as db, db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, column in columns:
+            if table in tables:
+                changed += db.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? OR {column} LIKE ? ESCAPE '\\'",
+                    (new, len(old) + 1, old, old.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "/%"),
+                ).rowcount
+    log.info("MLflow artifacts of experiment %s: %s -> %s (%d entries; the project was copied or moved)",
+             experiment_id, old, new, changed)
+    return changed
+
+
+# Tags of every run a tunekit process opens: which process on which machine runs it, so a later run can tell
+# a run whose process was killed (it stays RUNNING forever) from one that is still going.
+HOST_TAG, PID_TAG, PID_START_TAG = "tunekit.host", "tunekit.pid", "tunekit.pid_start"
+
+
+def process_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_START_TAG: start_time(os.getpid()) or ""}
+
+
+def fail_dead_runs(mlflow: Any, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this experiment whose process, on this machine, is gone (a stage or
+    flow killed with -9, or stopped with its dvc); returns their ids. Runs of other machines are left alone."""
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    dead = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit():
+            continue
+        if process_alive(int(tags[PID_TAG]), tags.get(PID_START_TAG) or None):
+            continue
+        client.set_tag(run.info.run_id, "tunekit.failed_reason",
+                       f"process {tags[PID_TAG]} on {host} ended without closing the run (killed)")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        dead.append(run.info.run_id)
+    if dead:
+        log.info("marked %d MLflow run(s) of killed processes FAILED: %s", len(dead), ", ".join(dead))
+    return dead
 
 
 @contextlib.contextmanager
@@ -88,7 +161,7 @@ def stage_run(stage: str, experiment: str, params: Any, tags: dict[str, str] | N
     """
     mlflow = setup_mlflow(experiment)
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    run_tags = {"dvc.stage": stage, "git.commit": git_commit(), **(tags or {})}
+    run_tags = {"dvc.stage": stage, "git.commit": git_commit(), **process_tags(), **(tags or {})}
     system_metrics = system_metrics and _system_metrics_allowed()
     if system_metrics:
         os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SYSTEM_METRICS_INTERVAL))

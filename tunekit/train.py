@@ -289,7 +289,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     eval_every: int = 20
     early_stopping_patience: int | None = None
-    checkpoint_every: int = 20
+    checkpoint_every: int | str = "auto"  # steps between resumable checkpoints, or "auto" (CheckpointSchedule)
     seed: int = 0
     full_forward: bool = False  # Method.full_forward: the loss runs the model's own forward
     layer_lr_decay: float | None = None  # lr * decay**depth (see param_groups); None = one rate
@@ -600,6 +600,47 @@ def _save_checkpoint(ckpt_dir: Path, model, optimizer, scheduler, state: TrainSt
             shutil.rmtree(old, ignore_errors=True)
 
 
+# checkpoint_every: auto. A kill loses the steps since the last checkpoint: at most CHECKPOINT_TARGET_SECONDS of
+# training, or a tenth of the run when that is sooner; but a checkpoint at most every CHECKPOINT_MIN_SECONDS, since
+# a full-weights one (weights + two Adam moments) takes seconds to write. The step time is measured on the steps
+# after the first (which warms up), on every (re)start.
+CHECKPOINT_TARGET_SECONDS, CHECKPOINT_MIN_SECONDS, CHECKPOINT_RUN_FRACTION, CHECKPOINT_TIMED_STEPS = 180, 30, 10, 3
+
+
+def auto_checkpoint_interval(seconds_per_step: float, total: int) -> int:
+    """Steps between checkpoints for `checkpoint_every: auto` (see the constants above)."""
+    seconds_per_step = max(seconds_per_step, 1e-6)
+    steps = min(CHECKPOINT_TARGET_SECONDS / seconds_per_step, total / CHECKPOINT_RUN_FRACTION)
+    return max(1, math.ceil(max(steps, CHECKPOINT_MIN_SECONDS / seconds_per_step)))
+
+
+class CheckpointSchedule:
+    """Whether the step just finished ends with a resumable checkpoint: every `every` steps, or, for "auto",
+    every `auto_checkpoint_interval` steps once the first steps are timed (the ranks of one run agree on it)."""
+
+    def __init__(self, every: int | str, total: int, device: torch.device, world: int = 1):
+        self.every = every if isinstance(every, int) else None
+        self.total, self.device, self.world = total, device, world
+        self._ticks: list[float] = []
+
+    def due(self, step: int) -> bool:
+        if self.every is None:
+            self._time(step)
+        return self.every is not None and step % self.every == 0 and step < self.total
+
+    def _time(self, step: int) -> None:
+        import time
+
+        self._ticks.append(time.perf_counter())
+        if len(self._ticks) > CHECKPOINT_TIMED_STEPS:
+            seconds = (self._ticks[-1] - self._ticks[0]) / (len(self._ticks) - 1)
+            if self.world > 1:  # every rank calls due() at the same step, so this collective lines up
+                seconds = _all_reduce_sum([seconds], self.device)[0] / self.world
+            self.every = auto_checkpoint_interval(seconds, self.total)
+            log.info("checkpoint_every auto: %.2f s per step -> a resumable checkpoint every %d steps (of %d)",
+                     seconds, self.every, self.total)
+
+
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     done = sorted(ckpt_dir.glob("step-*")) if ckpt_dir.exists() else []
     return done[-1] if done else None
@@ -894,6 +935,7 @@ def _train(model, train_rows, val_rows, cfg, pad_id, ckpt_dir, on_step, replay_r
 
     if cfg.forgetting_every and state.step == 0 and not state.probes:
         probe()  # the curve starts at the untrained model
+    checkpoints = CheckpointSchedule(cfg.checkpoint_every, steps, device, world)
     bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=rank != 0)
     while state.step < steps and not state.stopped_early:
         micro = [micro_batch(state.step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
@@ -939,7 +981,7 @@ def _train(model, train_rows, val_rows, cfg, pad_id, ckpt_dir, on_step, replay_r
         if cfg.forgetting_every and (state.step % cfg.forgetting_every == 0 or state.step == steps or state.stopped_early):
             probe()
         bar.update(1)
-        if state.step % cfg.checkpoint_every == 0 and state.step < steps:
+        if checkpoints.due(state.step):
             rank_rng = None
             if world > 1:
                 rank_rng = [None] * world
