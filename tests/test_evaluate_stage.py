@@ -156,7 +156,7 @@ def test_code_task_on_the_tiny_model_goes_through_the_sandbox_for_every_model(pr
 
 
 def test_real_dapt_parent_is_scored_and_passthrough_is_not(project, tiny_model_dir, smollm2_tokenizer, tmp_path):
-    from stages.evaluate import dapt_checkpoint
+    from tunekit.tasks.sft import dapt_checkpoint
 
     dapt = tmp_path / "dapt"
     load_causal_lm(tiny_model_dir).save_pretrained(dapt, safe_serialization=True)

@@ -15,8 +15,10 @@ from tunekit.ingest import IngestError, Reject, TaskRecord, ingest, read_file
 from tunekit.io import read_jsonl, write_jsonl
 from tunekit.models import embedded_minilm
 from tunekit.params import TaskParams, TemplateParams
-from tunekit.tasks import (IGNORE_INDEX, TaskDataError, encode_qa, encode_tokens, load_labels, qa_postprocess,
-                           tokenize_task, word_predictions)
+from tunekit.constants import IGNORE_INDEX
+from tunekit.tasks.heads import TaskDataError, load_labels, tokenize_task
+from tunekit.tasks.qa import encode_qa, qa_postprocess
+from tunekit.tasks.token_classification import encode_tokens, word_predictions
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZERS = ["smollm2", "minilm"]

@@ -37,15 +37,20 @@ from tqdm import tqdm
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
 TASK_FORMATS = ("classification", "token_classification", "conll", "squad")
 ALL_FORMATS = FORMATS + TASK_FORMATS
-# task.type -> the ingest formats that task accepts (auto-detection looks only at these).
-TASK_TYPES: dict[str, tuple[str, ...]] = {
-    "sft": FORMATS,
-    "classification": ("classification",),
-    "token_classification": ("token_classification", "conll"),
-    "qa": ("squad",),
+# Each format's task kind: a kind reads only its own formats (auto-detection looks only at these), and
+# a format is read into the kind's records (chat Records for sft, TaskRecords for the heads).
+FORMAT_TASK: dict[str, str] = {
+    **{fmt: "sft" for fmt in FORMATS},
+    "classification": "classification",
+    "token_classification": "token_classification",
+    "conll": "token_classification",
+    "squad": "qa",
 }
-TASK_OF_FORMAT = {"classification": "classification", "token_classification": "token_classification",
-                  "conll": "token_classification", "squad": "qa"}
+# task.type -> the ingest formats that kind accepts.
+TASK_TYPES: dict[str, tuple[str, ...]] = {}
+for _fmt, _task in FORMAT_TASK.items():
+    TASK_TYPES[_task] = (*TASK_TYPES.get(_task, ()), _fmt)
+TASK_OF_FORMAT = {fmt: task for fmt, task in FORMAT_TASK.items() if fmt not in FORMATS}
 CONLL_SUFFIXES = (".conll",)  # detected as CoNLL under auto; with ingest.format: conll also .txt
 SPLITS = ("train", "validation", "test")
 
@@ -148,7 +153,7 @@ def suffixes_for(task: str, fmt: str) -> tuple[str, ...]:
     """The file name endings read from an input directory for this task and ingest.format."""
     if fmt == "conll":
         return (*CONLL_SUFFIXES, ".txt")
-    if task == "token_classification" and fmt == "auto":
+    if "conll" in TASK_TYPES[task] and fmt == "auto":
         return (".jsonl", *CONLL_SUFFIXES)
     return (".jsonl",)
 
@@ -221,7 +226,7 @@ def ingest_tasks(tasks: dict[str, tuple[str, str | Path]], out_dir: Path, max_ch
     _check_reject_rate(max_reject_rate)
     sources: dict[str, tuple[str, str, list[Path]]] = {}
     for name, (kind, inputs) in tasks.items():
-        fmt = "conll" if kind == "token_classification" and Path(inputs).is_file() and str(inputs).endswith(".txt") else "auto"
+        fmt = "conll" if "conll" in TASK_TYPES[kind] and Path(inputs).is_file() and str(inputs).endswith(".txt") else "auto"
         _check_read_args(fmt, max_chars, kind)
         try:
             files = input_files(inputs, suffixes_for(kind, fmt))
@@ -414,7 +419,7 @@ def _check_no_overlap(inputs: Path, out_dir: Path) -> None:
 def _read_any(path: Path, fmt: str, max_chars: int, task: str = "sft"
               ) -> Iterator[tuple[Record | TaskRecord | Reject | None, bytes]]:
     """CoNLL text files for format conll (or a .conll file under token_classification), JSONL otherwise."""
-    if fmt == "conll" or (fmt == "auto" and task == "token_classification" and path.name.endswith(CONLL_SUFFIXES)):
+    if fmt == "conll" or (fmt == "auto" and "conll" in TASK_TYPES[task] and path.name.endswith(CONLL_SUFFIXES)):
         return _read_conll(path, max_chars)
     return _read_lines(path, fmt, max_chars, task)
 
@@ -447,6 +452,7 @@ def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
     detected: tuple[str, int] | None = None if fmt == "auto" else (fmt, 0)
     # classification: (multi-label?, line it was decided on): one kind of label per file.
     label_kind: tuple[bool, int] | None = None
+    chat = TASK_TYPES[task] == FORMATS  # conversations, not the fields of a head's record
     for line_no, text, bad_byte in _decoded_lines(path):
         if text is None:
             yield Reject(name, line_no, "invalid_utf8",
@@ -468,7 +474,7 @@ def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
                         f"train on it, or point ingest.inputs at {task} data")
                 if found is not None:
                     detected = (found, line_no)
-            if task == "sft":
+            if chat:
                 messages = _normalise(obj, detected, max_chars)
             else:
                 if detected is None:
@@ -489,7 +495,7 @@ def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
         except _Bad as bad:
             yield Reject(name, line_no, bad.reason, bad.detail), b""
             continue
-        if task == "sft":
+        if chat:
             digest = _digest(messages)
             yield Record(messages, name, line_no, digest.hex()[:16]), digest
         else:
@@ -734,7 +740,8 @@ def _label(value: Any, where: str) -> str:
     return value
 
 
-def _classification_fields(obj: dict[str, Any]) -> dict[str, Any]:
+def _text_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """"text", or the pair "text_a" and "text_b", of a sequence-level record (classification, regression)."""
     if "text_a" in obj or "text_b" in obj:
         if "text" in obj:
             raise _Bad("wrong_format", 'line has "text" and "text_a"/"text_b"; use "text" for one text or '
@@ -742,9 +749,12 @@ def _classification_fields(obj: dict[str, Any]) -> dict[str, Any]:
         for key in ("text_a", "text_b"):
             if key not in obj:
                 raise _Bad("wrong_format", f'{key} is missing; a text pair needs both "text_a" and "text_b"')
-        fields: dict[str, Any] = {"text_a": _text(obj["text_a"], "text_a"), "text_b": _text(obj["text_b"], "text_b")}
-    else:
-        fields = {"text": _text(obj["text"], "text")}
+        return {"text_a": _text(obj["text_a"], "text_a"), "text_b": _text(obj["text_b"], "text_b")}
+    return {"text": _text(obj["text"], "text")}
+
+
+def _classification_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = _text_fields(obj)
     value = obj["label"]
     if isinstance(value, list):
         labels = [_label(item, f"label[{index}]") for index, item in enumerate(value)]
@@ -857,8 +867,8 @@ def _read_conll(path: Path, max_chars: int) -> Iterator[tuple[TaskRecord | Rejec
                                        f"{max_chars}; split the sentence or raise ingest.max_chars")
         except _Bad as bad:
             return Reject(name, first, bad.reason, f"sentence starting at line {first}: {bad.detail}"), b""
-        digest = _task_digest("token_classification", fields)
-        return TaskRecord("token_classification", fields, name, first, digest.hex()[:16]), digest
+        digest = _task_digest(FORMAT_TASK["conll"], fields)
+        return TaskRecord(FORMAT_TASK["conll"], fields, name, first, digest.hex()[:16]), digest
 
     for line_no, text, bad_byte in _decoded_lines(path):
         if text is None and problem is None:

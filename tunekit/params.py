@@ -13,6 +13,8 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from tunekit.constants import METHOD_NAMES, MULTI_TASK_KINDS, TASK_KINDS
+
 PARAMS_FILE = Path("params.yaml")
 
 
@@ -88,7 +90,7 @@ TASK_SETTINGS: dict[str, tuple[str, ...]] = {
 
 def _task_name(name: str) -> str:
     """Task names become module names (heads.<name>), id prefixes and report sections: identifiers only."""
-    import torch  # only when a multi-task run is configured
+    import torch  # only when a multi-task run names its tasks: torch says which names a ModuleDict reserves
 
     if not name.isidentifier():
         fixed = "".join(c if c.isalnum() else "_" for c in name)
@@ -101,12 +103,12 @@ def _task_name(name: str) -> str:
 
 
 class SubTaskParams(Section):
-    """One task of a multi-task run (`task.type: multi_task`; semantics: tunekit/heads.py MultiTaskModel).
+    """One task of a multi-task run (`task.type: multi_task`; semantics: tunekit/tasks/multi_task.py).
     `inputs` is its own data (a JSONL file or directory in the task's format; CoNLL .conll, or .txt, for
     token_classification), `weight` its share of the training batches; the other keys override the
     task.* value for this task and are refused on a task type they do not apply to."""
     # validate_default: a missing type or inputs is reported with what to write, not as "Field required".
-    type: Literal["classification", "token_classification", "qa"] | None = Field(None, validate_default=True)
+    type: Literal[MULTI_TASK_KINDS] | None = Field(None, validate_default=True)
     inputs: str | None = Field(None, validate_default=True)
     weight: float = Field(1.0, gt=0)
     labels: list[str] | None = None
@@ -121,7 +123,7 @@ class SubTaskParams(Section):
     @classmethod
     def _type_given(cls, kind: str | None) -> str:
         if kind is None:
-            raise ValueError("every task needs a type: classification, token_classification or qa")
+            raise ValueError(f"every task needs a type: {', '.join(MULTI_TASK_KINDS[:-1])} or {MULTI_TASK_KINDS[-1]}")
         return kind
 
     @field_validator("inputs")
@@ -152,7 +154,7 @@ class SubTaskParams(Section):
 class TaskParams(Section):
     """What is trained: generative SFT (the chat pipeline), a head-based task (issue 6), or several head
     tasks on one shared encoder (`type: multi_task` with `tasks`)."""
-    type: Literal["sft", "classification", "token_classification", "qa", "multi_task"] = "sft"
+    type: Literal[TASK_KINDS] = "sft"
     labels: list[str] | None = None  # fixed label list (classification labels / NER tags); None = sorted train labels
     pooling: Literal["cls", "mean", "last", "auto"] = "auto"
     class_weights: Literal["balanced"] | dict[str, float] | None = None
@@ -324,10 +326,9 @@ class FinetuneParams(LoopParams):
     @field_validator("method")
     @classmethod
     def _method_is_registered(cls, name: str) -> str:
-        from tunekit.methods import METHODS  # the registry imports this module; import it only when needed
-
-        if name not in METHODS:
-            raise ValueError(f"unknown fine-tuning method; valid: {', '.join(METHODS)}")
+        # The registry's names (tunekit.methods.METHODS), from the leaf module: validation imports no torch.
+        if name not in METHOD_NAMES:
+            raise ValueError(f"unknown fine-tuning method; valid: {', '.join(METHOD_NAMES)}")
         return name
 
     # Checked on the sub-section (not the whole section) so the error names finetune.peft / finetune.virtual;
