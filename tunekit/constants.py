@@ -12,7 +12,7 @@ IGNORE_INDEX = -100
 SPLITS = ("train", "validation", "test")
 
 # task.type: generative SFT, the single-head kinds, and several heads on one backbone.
-HEAD_TASK_KINDS = ("classification", "token_classification", "qa")
+HEAD_TASK_KINDS = ("classification", "token_classification", "qa", "regression")
 TASK_KINDS = ("sft", *HEAD_TASK_KINDS, "multi_task")
 # The kinds a task of a multi-task run may be (task.tasks.<name>.type).
 MULTI_TASK_KINDS = ("classification", "token_classification", "qa")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -35,7 +36,7 @@ from typing import Any
 from tqdm import tqdm
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
-TASK_FORMATS = ("classification", "token_classification", "conll", "squad")
+TASK_FORMATS = ("classification", "token_classification", "conll", "squad", "regression")
 ALL_FORMATS = FORMATS + TASK_FORMATS
 # Each format's task kind: a kind reads only its own formats (auto-detection looks only at these), and
 # a format is read into the kind's records (chat Records for sft, TaskRecords for the heads).
@@ -45,6 +46,7 @@ FORMAT_TASK: dict[str, str] = {
     "token_classification": "token_classification",
     "conll": "token_classification",
     "squad": "qa",
+    "regression": "regression",
 }
 # task.type -> the ingest formats that kind accepts.
 TASK_TYPES: dict[str, tuple[str, ...]] = {}
@@ -64,6 +66,7 @@ _REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "classification": ("label",),  # plus "text", or "text_a" and "text_b" (checked when normalising)
     "token_classification": ("tokens", "tags"),
     "squad": ("context", "question", "answers"),
+    "regression": ("target",),  # plus "text", or "text_a" and "text_b", like classification
 }
 _FORMAT_KEYS_HELP = "; ".join(
     f"{fmt} needs {', '.join(json.dumps(key) for key in keys)}" for fmt, keys in _REQUIRED_KEYS.items()
@@ -73,6 +76,7 @@ _TASK_KEYS_HELP = {
     "classification": 'classification needs "text" (or "text_a" and "text_b") and "label"',
     "token_classification": 'token_classification needs "tokens" and "tags" (or .conll files)',
     "squad": 'squad needs "context", "question" and "answers"',
+    "regression": 'regression needs "text" (or "text_a" and "text_b") and "target" (a number or a list of numbers)',
 }
 _ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -525,7 +529,7 @@ def _format_of(obj: dict[str, Any], formats: tuple[str, ...] = FORMATS) -> str |
         if fmt == "conll":
             continue  # a text format, chosen by file name or ingest.format
         if all(key in obj for key in _REQUIRED_KEYS[fmt]):
-            if fmt == "classification" and "text" not in obj and "text_a" not in obj:
+            if fmt in ("classification", "regression") and "text" not in obj and "text_a" not in obj:
                 continue
             return fmt
     return None
@@ -720,6 +724,9 @@ def _normalise_task(obj: dict[str, Any], detected: tuple[str, int], max_chars: i
     elif fmt == "token_classification":
         fields = _token_fields(obj["tokens"], obj["tags"])
         chars = sum(len(token) for token in fields["tokens"])
+    elif fmt == "regression":
+        fields = {**_text_fields(obj), "target": _targets(obj["target"])}
+        chars = sum(len(fields[key]) for key in ("text", "text_a", "text_b") if key in fields)
     else:
         fields = _squad_fields(obj)
         chars = len(fields["context"]) + len(fields["question"])
@@ -751,6 +758,23 @@ def _text_fields(obj: dict[str, Any]) -> dict[str, Any]:
                 raise _Bad("wrong_format", f'{key} is missing; a text pair needs both "text_a" and "text_b"')
         return {"text_a": _text(obj["text_a"], "text_a"), "text_b": _text(obj["text_b"], "text_b")}
     return {"text": _text(obj["text"], "text")}
+
+
+def _targets(value: Any) -> float | list[float]:
+    """A regression target: one finite number, or a non-empty list of them (several outputs)."""
+    def number(item: Any, where: str) -> float:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            hint = " (write it as a JSON number, without quotes)" if isinstance(item, str) else ""
+            raise _Bad("not_a_number", f"{where} is {_describe(item)}; a regression target must be a number{hint}")
+        if not math.isfinite(item):
+            raise _Bad("not_a_number", f"{where} is {item}; a regression target must be a finite number")
+        return float(item)
+
+    if isinstance(value, list):
+        if not value:
+            raise _Bad("empty_content", "target is an empty list; give one number per output, or one number")
+        return [number(item, f"target[{index}]") for index, item in enumerate(value)]
+    return number(value, "target")
 
 
 def _classification_fields(obj: dict[str, Any]) -> dict[str, Any]:

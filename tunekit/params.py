@@ -42,7 +42,7 @@ class BaseModelParams(Section):
 class IngestParams(Section):
     inputs: str = "data/demo"
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt",
-                    "classification", "token_classification", "conll", "squad"] = "auto"
+                    "classification", "token_classification", "conll", "squad", "regression"] = "auto"
     max_chars: int = Field(16000, gt=0)
     max_reject_rate: float = Field(0.05, ge=0, le=1)
     validation: float = Field(0.1, ge=0, lt=1)
@@ -85,6 +85,7 @@ TASK_SETTINGS: dict[str, tuple[str, ...]] = {
     "doc_stride": ("qa",),
     "n_best": ("qa",),
     "max_answer_length": ("qa",),
+    "loss": ("regression",),
 }
 
 
@@ -118,6 +119,7 @@ class SubTaskParams(Section):
     doc_stride: int | None = Field(None, gt=0)
     n_best: int | None = Field(None, gt=0)
     max_answer_length: int | None = Field(None, gt=0)
+    loss: Literal["mse", "huber"] | None = None
 
     @field_validator("type")
     @classmethod
@@ -162,6 +164,7 @@ class TaskParams(Section):
     doc_stride: int = Field(128, gt=0)
     n_best: int = Field(20, gt=0)
     max_answer_length: int = Field(30, gt=0)
+    loss: Literal["mse", "huber"] = "mse"  # regression: huber is less swayed by outlying targets (delta 1.0)
     # validate_default: `type: multi_task` without tasks is reported.
     tasks: dict[Annotated[str, AfterValidator(_task_name)], SubTaskParams] = Field({}, validate_default=True)
 

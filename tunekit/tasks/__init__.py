@@ -4,6 +4,7 @@
     classification        text or text pair -> one class or a set of classes (tasks/classification.py)
     token_classification  one BIO tag per word: NER (tasks/token_classification.py)
     qa                    extractive QA: a span of the context, or no answer (tasks/qa.py)
+    regression            text or text pair -> one or more numbers (tasks/regression.py)
     multi_task            several heads on one shared backbone, a composite of the above (tasks/multi_task.py)
 
 Two ways in, and only these: `task_for(params)` (the stages that read params.yaml: ingest, template,
@@ -20,7 +21,7 @@ from typing import Any
 from tunekit.checkpoints import CheckpointMeta
 from tunekit.methods import Tuned
 from tunekit.methods import load_tuned as load_tuned_with
-from tunekit.tasks import classification, multi_task, qa, sft, token_classification
+from tunekit.tasks import classification, multi_task, qa, regression, sft, token_classification
 from tunekit.tasks.base import Task
 from tunekit.tasks.heads import TaskDataError, TaskError, TaskSpec, load_task_model
 from tunekit.tasks.single import head_task
@@ -30,6 +31,7 @@ TASKS: dict[str, Task] = {task.name: task for task in [
     head_task(classification.KIND),
     head_task(token_classification.KIND),
     head_task(qa.KIND),
+    head_task(regression.KIND),
     multi_task.TASK,
 ]}
 
