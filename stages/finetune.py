@@ -16,7 +16,7 @@ data and base model; the finished output is written atomically, so DVC never see
 Several processes: `finetune.processes: N` (N > 1) makes the stage re-launch itself as
 `python -m torch.distributed.run --standalone --nproc_per_node N -m stages.finetune <same args>`;
 each worker joins a gloo (CPU) or nccl (CUDA) process group, trains its shard of every global batch
-(batch_size * grad_accum * N rows per optimizer step; see tunekit/train.py) and rank 0 alone writes
+(batch_size * grad_accum * N rows per optimizer step; see tunekit/train/) and rank 0 alone writes
 checkpoints, outputs, plots, metrics and the MLflow run. Multi-GPU recipes (DDP, FSDP, DeepSpeed):
 docs/multi_gpu.md.
 
@@ -48,15 +48,8 @@ from tunekit.models import compute_device, load_tokenizer, set_threads
 from tunekit.params import FinetuneParams, ProjectParams, TaskParams, TemplateParams, load_section
 from tunekit.plots import forgetting_curve_png, loss_curve_png, write_csv
 from tunekit.tasks import Task, task_for
-from tunekit.tracking import (
-    configure_logging,
-    data_tags,
-    log_checkpoint,
-    log_curves,
-    log_datasets,
-    log_metrics,
-    stage_run,
-)
+from tunekit.tracking import (configure_logging, data_tags, log_checkpoint, log_curves, log_datasets, log_metrics,
+                              stage_run)
 from tunekit.train import BF16_ON_CPU, TrainConfig, barrier, dist_info, replay_lm_rows, train
 
 log = logging.getLogger("tunekit")
@@ -123,9 +116,10 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     val_rows = list(read_jsonl(data_dir / "validation.jsonl"))
     if not train_rows:
         raise SystemExit(f"{data_dir / 'train.jsonl'} holds no examples: check the ingest and template metrics")
+    task_params = task_params or TaskParams()
     task = task_for(task_params)
-    check_general_text(task, task_params or TaskParams(), params)
-    training = task.training(task_params or TaskParams(), params, method, model_dir, data_dir, train_rows)
+    check_general_text(task, task_params, params)
+    training = task.training(task_params, params, method, model_dir, data_dir, train_rows)
     method = training.method
     model = method.prepare(method.load_base(model_dir, device=device), params)  # qlora on CUDA: bf16 compute
     counts = parameter_counts(model)
