@@ -21,18 +21,8 @@ import logging
 from pathlib import Path
 
 from tunekit.checkpoints import CheckpointMeta, checkpoint_hash
-from tunekit.forgetting import (
-    BaseScoreCache,
-    ProbeError,
-    base_scores,
-    cache_key,
-    compare,
-    load_probe,
-    loss_bar_png,
-    markdown_report,
-    score,
-    tokenize_probe,
-)
+from tunekit.forgetting import (BaseScoreCache, ProbeError, base_scores, cache_key, compare, load_probe, loss_bar_png,
+                                markdown_report, score, tokenize_probe)
 from tunekit.io import atomic_dir, is_merged, not_merged_reason, write_json
 from tunekit.models import load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import ForgettingParams, ProjectParams, load_section

@@ -1,5 +1,6 @@
-"""Stage `template`: render each conversation with the chat template, tokenise it, and mask the loss
-to the assistant turns; optionally pack the training split.
+"""Stage `template`: tokenise the ingested splits for the task kind: for sft, render each conversation
+with the chat template, tokenise it and mask the loss to the assistant turns (optionally packing the
+training split); for a head, tokenise and align its labels.
 
     python -m stages.template --model models/base --data data/ingested --out data/tokenized \
         --preview reports/template --metrics metrics/template.json

@@ -76,7 +76,7 @@ def raw_examples(task: str) -> list[dict]:
             for i, word in enumerate(words):
                 rows.append({"text": f"my {word} is number {i}", "label": label})
     elif task == "token_classification":
-        for i, (person, place) in enumerate(zip(PEOPLE, PLACES)):
+        for person, place in zip(PEOPLE, PLACES):
             rows.append({"tokens": [person, "travelled", "to", place, "today"], "tags": ["B-PER", "O", "O", "B-LOC", "O"]})
             rows.append({"tokens": ["in", place, "we", "met", person], "tags": ["O", "B-LOC", "O", "O", "B-PER"]})
     else:

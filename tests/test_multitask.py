@@ -215,7 +215,7 @@ def test_finetune_merge_evaluate_stages(name, two_tasks, base_dir, tmp_path):
     finetune_params = FinetuneParams(method=name, epochs=EPOCHS[name], lr=LR[name], batch_size=8, eval_every=60, checkpoint_every=1000,
                                      early_stopping_patience=None, lora={"r": 8, "alpha": 16, "dropout": 0.0})
     out = tmp_path / "finetune"
-    metrics, curves = finetune.run(finetune_params, 0, base_dir, tokenized, out, tmp_path / "plots", tmp_path / "ckpts", 32, params)
+    _, curves = finetune.run(finetune_params, 0, base_dir, tokenized, out, tmp_path / "plots", tmp_path / "ckpts", 32, params)
     meta = read_json(out / "meta.json")
     assert meta["method"] == name and meta["task"]["type"] == "multi_task"
     assert meta["task"]["weights"] == {"topic": 1.0, "ner": 1.0}

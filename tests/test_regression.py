@@ -122,7 +122,7 @@ def scored_rows(tokenizer, tmp_path: Path) -> tuple[Path, Path]:
 CASES = [("bert", "mse", "lora"), ("llama", "huber", "lora"), ("bert", "mse", "full")]
 
 
-@pytest.mark.parametrize("arch,loss,method", CASES, ids=[f"{a}-{l}-{m}" for a, l, m in CASES])
+@pytest.mark.parametrize("arch,loss,method", CASES, ids=["-".join(case) for case in CASES])
 def test_finetune_merge_evaluate_stages(arch, loss, method, bert_dir, llama_dir, minilm_tokenizer, tmp_path):  # noqa: F811
     from transformers import AutoTokenizer
 

@@ -461,7 +461,7 @@ def test_task_sft_leaves_the_chat_template_stage_unchanged(tmp_path, tiny_model_
 def test_demo_task_data_is_deterministic_and_valid(tmp_path):
     first, second = generate_tasks(200, 7), generate_tasks(200, 7)
     assert first == second and generate_tasks(200, 8) != first
-    assert len(set(r["label"] for r in first["classification"])) >= 4
+    assert len({r["label"] for r in first["classification"]}) >= 4
     unanswerable = sum(not r["answers"]["text"] for r in first["qa"]) / len(first["qa"])
     assert 0.04 < unanswerable < 0.2
     for name, task in [("classification", "classification"), ("ner", "token_classification"), ("qa", "qa")]:

@@ -41,7 +41,7 @@ ALL_FORMATS = FORMATS + TASK_FORMATS
 # Each format's task kind: a kind reads only its own formats (auto-detection looks only at these), and
 # a format is read into the kind's records (chat Records for sft, TaskRecords for the heads).
 FORMAT_TASK: dict[str, str] = {
-    **{fmt: "sft" for fmt in FORMATS},
+    **dict.fromkeys(FORMATS, "sft"),
     "classification": "classification",
     "token_classification": "token_classification",
     "conll": "token_classification",
@@ -512,9 +512,9 @@ def _parse_object(text: str) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _Bad("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}; fix the line so that it "
-                                   "holds one complete JSON object (JSONL allows no line breaks inside a record)")
+                                   "holds one complete JSON object (JSONL allows no line breaks inside a record)") from None
     except RecursionError:
-        raise _Bad("invalid_json", "JSON is nested too deeply to parse; flatten the line")
+        raise _Bad("invalid_json", "JSON is nested too deeply to parse; flatten the line") from None
     if isinstance(obj, list):
         raise _Bad("not_an_object", "line is a JSON list, not an object; write one object per line "
                                     "(a JSON array file must be converted to JSONL)")
@@ -663,7 +663,7 @@ def _text(value: Any, where: str, allow_empty: bool = False, kinds: str = "a str
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise _Bad("invalid_utf8", f"{where} has an unpaired surrogate \\u{ord(value[exc.start]):04x} at "
-                                       f"character {exc.start + 1}; fix or remove the broken \\u escape")
+                                       f"character {exc.start + 1}; fix or remove the broken \\u escape") from None
     return value
 
 

@@ -78,9 +78,9 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
     _check_lengths(predictions, references)
     if not references:
-        return {name: 0.0 for name in ROUGE_TYPES}
+        return dict.fromkeys(ROUGE_TYPES, 0.0)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True, split_summaries=False)
-    totals = {name: 0.0 for name in ROUGE_TYPES}
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for p, r in zip(predictions, references):
         scores = scorer.score(r, p)
         for name in ROUGE_TYPES:

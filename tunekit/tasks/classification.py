@@ -22,19 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunekit.tasks.heads import (
-    FILE_LINE,
-    HeadKind,
-    TaskDataError,
-    TaskSpec,
-    check_known_labels,
-    encode_texts,
-    record_for,
-    records_by_id,
-    register,
-    sort_labels,
-    text_of,
-)
+from tunekit.tasks.heads import (FILE_LINE, HeadKind, TaskDataError, TaskSpec, check_known_labels, encode_texts,
+                                 record_for, records_by_id, register, sort_labels, text_of)
 
 log = logging.getLogger("tunekit")
 

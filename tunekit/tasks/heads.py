@@ -34,23 +34,9 @@ from tqdm.auto import tqdm
 
 from tunekit.constants import IGNORE_INDEX, LABELS_FILE, SPLITS
 from tunekit.io import read_json, read_jsonl
-from tunekit.modeling import (
-    HEAD_CONFIG,
-    HEAD_INIT_SEED,
-    HEAD_WEIGHTS,
-    HeadShape,
-    MultiTaskModel,
-    TaskError,
-    forward,
-    head_config,
-    is_encoder,
-    load_auto_head_model,
-    load_head_base,
-    load_multitask_backbone,
-    load_pooled_classifier,
-    pad_inputs,
-    resolve_pooling,
-)
+from tunekit.modeling import (HEAD_CONFIG, HEAD_INIT_SEED, HEAD_WEIGHTS, HeadShape, MultiTaskModel, TaskError, forward,
+                              head_config, is_encoder, load_auto_head_model, load_head_base, load_multitask_backbone,
+                              load_pooled_classifier, pad_inputs, resolve_pooling)
 
 log = logging.getLogger("tunekit")
 

@@ -29,25 +29,10 @@ from tunekit.models import load_tokenizer
 from tunekit.plots import write_csv
 from tunekit.report import flat_task_results, markdown_table, metrics_png, prediction_lines, table_rows
 from tunekit.tasks.base import CardFacts, MergeCheck, Task, Training, check_rows
-from tunekit.tasks.heads import (
-    FILE_LINE,
-    TaskDataError,
-    TaskObjective,
-    TaskSpec,
-    collate_task,
-    head_kind,
-    load_labels,
-    load_multitask_model,
-    loss_from_outputs,
-    max_logit_difference,
-    predict,
-    predicted_classes,
-    preview_html,
-    score_task,
-    select_test_rows,
-    task_spec,
-    tokenize_splits,
-)
+from tunekit.tasks.heads import (FILE_LINE, TaskDataError, TaskObjective, TaskSpec, collate_task, head_kind,
+                                 load_labels, load_multitask_model, loss_from_outputs, max_logit_difference, predict,
+                                 predicted_classes, preview_html, score_task, select_test_rows, task_spec,
+                                 tokenize_splits)
 from tunekit.tasks.single import NO_GENERAL_TEXT, log_spec, score_models
 from tunekit.tracking import data_tags
 
@@ -346,7 +331,7 @@ def evaluate(params, template, task_params, model_dir: Path, data_dir: Path, tok
     all_rows, all_records = list(read_jsonl(tokenized_dir / "test.jsonl")), list(read_jsonl(data_dir / "test.jsonl"))
     train_records = list(read_jsonl(data_dir / "train.jsonl"))
     data, allow_null = {}, {}
-    for name, spec in specs.items():
+    for name in specs:
         data[name] = select_test_rows(params.max_examples, [r for r in all_rows if r.get("task") == name],
                                       [r for r in all_records if r.get("task") == name])
         if not data[name][0]:

@@ -25,16 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from tunekit.modeling import real_positions
-from tunekit.tasks.heads import (
-    HeadKind,
-    TaskDataError,
-    TaskError,
-    TaskSpec,
-    encoding_fields,
-    records_by_id,
-    register,
-    trim_span,
-)
+from tunekit.tasks.heads import (HeadKind, TaskDataError, TaskError, TaskSpec, encoding_fields, records_by_id, register,
+                                 trim_span)
 
 log = logging.getLogger("tunekit")
 

@@ -28,14 +28,8 @@ from tqdm.auto import tqdm
 from tunekit.chat import Encoded, encode_conversation, end_of_turn_marker, pack, preview_html, resolve_chat_template
 from tunekit.checkpoints import CheckpointMeta
 from tunekit.constants import IGNORE_INDEX, MODEL_ORDER, PEFT_METHODS, SPLITS
-from tunekit.generate import (
-    Prompt,
-    few_shot_records,
-    generate_samples,
-    prompts_from_conversations,
-    score_code,
-    score_generations,
-)
+from tunekit.generate import (Prompt, few_shot_records, generate_samples, prompts_from_conversations, score_code,
+                              score_generations)
 from tunekit.io import atomic_dir, is_merged, not_merged_reason, read_jsonl, write_jsonl
 from tunekit.methods import load_tuned
 from tunekit.models import load_causal_lm, load_tokenizer, resolve_checkpoint

@@ -13,22 +13,9 @@ from tunekit.models import load_tokenizer, resolve_checkpoint
 from tunekit.plots import write_csv
 from tunekit.report import markdown_report, metrics_png, table_rows
 from tunekit.tasks.base import CardFacts, MergeCheck, Task, Training, check_rows, identity, ingest_inputs, ingest_tags
-from tunekit.tasks.heads import (
-    HeadKind,
-    TaskObjective,
-    TaskSpec,
-    load_labels,
-    load_task_base,
-    load_task_model,
-    max_logit_difference,
-    predict,
-    predicted_classes,
-    score_task,
-    select_test_rows,
-    task_method,
-    task_spec,
-    tokenize_task,
-)
+from tunekit.tasks.heads import (HeadKind, TaskObjective, TaskSpec, load_labels, load_task_base, load_task_model,
+                                 max_logit_difference, predict, predicted_classes, score_task, select_test_rows,
+                                 task_method, task_spec, tokenize_task)
 
 log = logging.getLogger("tunekit")
 

@@ -21,17 +21,8 @@ import torch.nn.functional as F
 
 from tunekit.constants import IGNORE_INDEX
 from tunekit.modeling import real_positions
-from tunekit.tasks.heads import (
-    HeadKind,
-    TaskDataError,
-    TaskSpec,
-    check_known_labels,
-    record_for,
-    records_by_id,
-    register,
-    sort_labels,
-    trim_span,
-)
+from tunekit.tasks.heads import (HeadKind, TaskDataError, TaskSpec, check_known_labels, record_for, records_by_id,
+                                 register, sort_labels, trim_span)
 
 
 def _row_labels(row: dict) -> list[str]:
