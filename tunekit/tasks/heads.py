@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from tunekit.constants import IGNORE_INDEX, LABELS_FILE, SPLITS
 from tunekit.io import read_json, read_jsonl
-from tunekit.modeling import (HEAD_CONFIG, HEAD_INIT_SEED, HEAD_WEIGHTS, HeadShape, MultiTaskModel, TaskError, forward,
+from tunekit.modeling import (HEAD_CONFIG, HEAD_WEIGHTS, HeadShape, MultiTaskModel, TaskError, forward,
                               head_config, is_encoder, load_auto_head_model, load_head_base, load_multitask_backbone,
                               load_pooled_classifier, pad_inputs, resolve_pooling)
 
@@ -42,7 +42,6 @@ log = logging.getLogger("tunekit")
 
 FILE_LINE = "_line"  # multi-task: a row's line in its split file, kept while its task's rows are checked apart
 _BATCH = 256  # examples per tokenizer call
-__all__ = ["HEAD_INIT_SEED", "TaskError"]
 
 
 class TaskDataError(Exception):
@@ -62,6 +61,9 @@ class TaskSpec:
     class_weights: tuple[float, ...] | None = None
     encoder: bool = True
     loss: str | None = None  # regression: mse | huber
+    # regression: the train split's mean and standard deviation per target; the head predicts standardised values
+    target_mean: tuple[float, ...] | None = None
+    target_std: tuple[float, ...] | None = None
 
     @property
     def kind(self) -> HeadKind:
@@ -78,8 +80,11 @@ class TaskSpec:
     def to_meta(self) -> dict[str, Any]:
         meta = {**dataclasses.asdict(self), "labels": list(self.labels),
                 "class_weights": list(self.class_weights) if self.class_weights else None}
-        if meta["loss"] is None:
-            del meta["loss"]  # the kinds without a choice of loss keep their meta.json as it was
+        for key in ("loss", "target_mean", "target_std"):
+            if meta[key] is None:
+                del meta[key]  # the kinds without them keep their meta.json as it was
+            elif key != "loss":
+                meta[key] = list(meta[key])
         return meta
 
     @classmethod
@@ -87,7 +92,8 @@ class TaskSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in meta.items() if k in fields}
         data["labels"] = tuple(data.get("labels") or ())
-        data["class_weights"] = tuple(data["class_weights"]) if data.get("class_weights") else None
+        for key in ("class_weights", "target_mean", "target_std"):
+            data[key] = tuple(data[key]) if data.get(key) else None
         return cls(**data)
 
 
@@ -124,7 +130,10 @@ class HeadKind:
     score_settings: Callable[[Any, Rows | None], dict[str, Any]] = lambda task_params, records: {}
     labelled: bool = True  # has a label set (>= 2 labels); qa has none
     class_weights: bool = True  # task.class_weights applies
-    spec_extra: Callable[[Any], dict[str, Any]] = lambda task_params: {}  # more TaskSpec fields from task.*
+    # more TaskSpec fields from task.* and labels.json
+    spec_extra: Callable[[Any, dict[str, Any]], dict[str, Any]] = lambda task_params, labels_info: {}
+    # more labels.json facts from the train split's rows (regression: the targets' mean and spread)
+    label_info: Callable[[Rows], dict[str, Any]] = lambda train_rows: {}
     # merge check: whether two models' hard predictions are the same (continuous values: within a tolerance)
     agree: Callable[[list[Any], list[Any]], bool] = lambda a, b: a == b
 
@@ -227,7 +236,7 @@ def task_spec(task_params, labels_info: dict[str, Any], model_dir: Path, train_r
         raise TaskError(f"task.class_weights applies to classification and token_classification, not {kind.name}; "
                         "set it to null")
     return TaskSpec(task_params.type, labels, multi_label, resolve_pooling(task_params.pooling, encoder), weights, encoder,
-                    **kind.spec_extra(task_params))
+                    **kind.spec_extra(task_params, labels_info))
 
 
 # ---------------------------------------------------------------- models
@@ -490,7 +499,7 @@ def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any
         out[split] = out_rows
         metrics[split] = stats
     info = {"task": task, "labels": labels, "multi_label": multi,
-            "counts": {label: counts.get(label, 0) for label in labels}}
+            "counts": {label: counts.get(label, 0) for label in labels}, **kind.label_info(data["train"])}
     metrics["task"] = task
     metrics["labels"] = len(labels)
     metrics["truncated"] = sum(metrics[s]["truncated"] for s in SPLITS)

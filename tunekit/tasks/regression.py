@@ -9,7 +9,10 @@
 - head: a pooled head with one output per target (problem_type regression): transformers' sequence
   class where it pools the first token of an encoder, else tunekit.modeling.PooledClassifier (mean
   pooling; last-token pooling on decoders found from the attention mask).
-- loss: `task.loss` mse (mean squared error over the targets) or huber (delta 1.0), summed per example.
+- loss: `task.loss` mse (mean squared error over the targets) or huber (delta 1.0), summed per example,
+  on the targets standardised with the train split's mean and standard deviation (labels.json and
+  meta.json record them; predictions are mapped back), so the head starts near a loss of 1 whatever
+  the targets' scale.
 - scores: MSE, MAE, Pearson and Spearman correlation (tunekit.metrics.regression_metrics).
 - merge: the merged model's values must match the adapter model's within merge.atol.
 """
@@ -61,6 +64,27 @@ def encode(rows, tokenizer: Any, label2id: dict[str, int], multi: bool, task_par
     return out, {"truncated": truncated}
 
 
+def label_info(train_rows) -> dict[str, Any]:
+    """The train split's mean and standard deviation of each target (1.0 where a target is constant)."""
+    columns = list(zip(*(_values(row) for row in train_rows)))
+    means = [sum(column) / len(column) for column in columns]
+    stds = [math.sqrt(sum((v - m) ** 2 for v in column) / len(column)) or 1.0 for column, m in zip(columns, means)]
+    return {"target_mean": means, "target_std": stds}
+
+
+def spec_extra(task_params, labels_info: dict[str, Any]) -> dict[str, Any]:
+    count = len(labels_info.get("labels") or ())
+    return {"loss": task_params.loss, "target_mean": tuple(labels_info.get("target_mean") or [0.0] * count),
+            "target_std": tuple(labels_info.get("target_std") or [1.0] * count)}
+
+
+def _scale(spec: TaskSpec, device) -> tuple[torch.Tensor, torch.Tensor]:
+    count = len(spec.labels)
+    mean = torch.tensor(spec.target_mean or [0.0] * count, dtype=torch.float, device=device)
+    std = torch.tensor(spec.target_std or [1.0] * count, dtype=torch.float, device=device)
+    return mean, std
+
+
 def split_stats(rows, out_rows: list[dict], stats: dict) -> None:
     values = [v for row in rows for v in _values(row)]
     if values:
@@ -84,7 +108,9 @@ def targets(rows, width: int, left: bool) -> dict[str, torch.Tensor]:
 
 def loss(outputs, batch: dict[str, torch.Tensor], spec: TaskSpec) -> tuple[torch.Tensor, int]:
     predicted = outputs.logits.float()
-    wanted = batch["labels"].to(predicted.device).view_as(predicted)
+    mean, std = _scale(spec, predicted.device)
+    # the head predicts standardised targets: a loss near 1 at the start whatever the targets' scale
+    wanted = (batch["labels"].to(predicted.device).view_as(predicted) - mean) / std
     if spec.loss == "huber":
         per_target = F.huber_loss(predicted, wanted, reduction="none", delta=1.0)
     else:
@@ -93,8 +119,9 @@ def loss(outputs, batch: dict[str, torch.Tensor], spec: TaskSpec) -> tuple[torch
 
 
 def output(outputs, j: int, k: int, width: int, spec: TaskSpec) -> dict[str, Any]:
-    values = outputs.logits[j].float().tolist()
-    return {"values": values, "logits": values}
+    logits = outputs.logits[j].float()
+    mean, std = _scale(spec, logits.device)
+    return {"values": (logits * std + mean).tolist(), "logits": logits.tolist()}
 
 
 def hard(outputs, spec: TaskSpec) -> list[Any]:
@@ -128,5 +155,5 @@ KIND = register(HeadKind(
     custom_head=custom_head, build_labels=build_labels, check_labels=check_labels, row_labels=lambda row: [],
     encode=encode, preview=preview, targets=targets, loss=loss, output=output, hard=hard, score=score,
     split_stats=split_stats, labelled=False, class_weights=False, agree=agree,
-    spec_extra=lambda task_params: {"loss": task_params.loss},
+    spec_extra=spec_extra, label_info=label_info,
 ))

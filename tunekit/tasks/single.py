@@ -23,7 +23,8 @@ NO_GENERAL_TEXT = ("finetune.replay and finetune.forgetting_every_n_steps mix in
                    "language-modelling loss, and the forgetting stage scores a general-text probe with it; a task head "
                    "has no language-model output")
 TASK_NOTE = ("accuracy, f1_*, roc_auc, entity_*, tag_accuracy and squad_* are 0-1 (squad_* as in SQuAD 2.0, the null "
-             "answer for unanswerable questions); loss is per example (classification), per labelled token (token "
+             "answer for unanswerable questions); mse and mae are in the targets' units (squared for mse), pearson and "
+             "spearman -1 to 1; loss is per example (classification, regression), per labelled token (token "
              "classification) or per window (qa); base is the untrained head on the base model.")
 
 
