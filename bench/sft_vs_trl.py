@@ -172,7 +172,7 @@ def demo_splits(records: int, seed: int, work: Path) -> dict[str, list[dict]]:
 def tokenized(records: list[dict], tokenizer, split: str, max_length: int = 512) -> list[dict]:
     """The template stage's rows (input_ids, labels) for `records`, with template.* from params.yaml
     (max_length from the argument: the benchmark's, not the pipeline's)."""
-    from stages.template import encode_split
+    from tunekit.tasks.sft import encode_split
     from tunekit.chat import resolve_chat_template
     from tunekit.params import load_section
 

@@ -26,14 +26,15 @@ from pathlib import Path
 
 import torch
 
+from tunekit.checkpoints import checkpoint_hash, run_key
 from tunekit.forgetting import load_probe
-from tunekit.io import atomic_dir, content_hash, read_meta, without_timings, write_json, write_meta
+from tunekit.io import atomic_dir, content_hash, without_timings, write_json, write_meta
 from tunekit.methods import get_method, parameter_counts
 from tunekit.models import PASSTHROUGH, compute_device, load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import DaptParams, FinetuneParams, ProjectParams, load_section
 from tunekit.plots import loss_curve_png, write_csv
 from tunekit.text import TextError, load_documents, pack, pack_documents, split_blocks
-from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
+from tunekit.tracking import configure_logging, data_tags, log_curves, log_metrics, stage_run
 from tunekit.train import BF16_ON_CPU, TrainConfig, evaluate_loss, train
 
 log = logging.getLogger("tunekit")
@@ -41,18 +42,8 @@ log = logging.getLogger("tunekit")
 REPLAY_PROBE = "pydoc"  # general text replayed against forgetting: tunekit.forgetting's default probe
 
 
-def checkpoint_hash(model_dir: Path) -> str:
-    return (read_meta(model_dir) or {}).get("hash") or content_hash(model_dir)
-
-
 def blocks_hash(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps([row["input_ids"] for row in rows]).encode()).hexdigest()
-
-
-def run_key(params: DaptParams, seed: int, base_hash: str, data_hash: str) -> str:
-    """Checkpoints are only resumed by a run with the same params, seed, base and blocks."""
-    blob = json.dumps({"params": params.model_dump(), "seed": seed, "base": base_hash, "data": data_hash}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def replay_blocks(tokenizer, block_size: int, count: int) -> list[dict]:
@@ -123,7 +114,7 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
     log.info("domain perplexity before: %.3f", before["perplexity"])
 
     data_hash = blocks_hash(train_rows + val_blocks)
-    ckpt_dir = checkpoints / run_key(params, seed, checkpoint_hash(model_dir), data_hash)
+    ckpt_dir = checkpoints / run_key(params.model_dump(), seed, checkpoint_hash(model_dir), data_hash)
     cfg = TrainConfig(**params.loop_config(), lr=params.learning_rate, seed=seed)
     train_started = time.perf_counter()
     state = train(model, train_rows, val_blocks, cfg, pad_id, ckpt_dir)
@@ -186,10 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics, curves = run(params, project.seed, args.model, args.out, args.plots, args.checkpoints)
         write_json(args.metrics, without_timings(metrics))
         log_metrics(mlflow, metrics)
-        for point in curves["history"]:
-            mlflow.log_metrics({"train_loss": point["train_loss"], "lr": point["lr"]}, step=point["step"])
-        for point in curves["evals"]:
-            mlflow.log_metric("val_loss", point["val_loss"], step=point["step"])
+        log_curves(mlflow, curves)
         if metrics["enabled"]:
             mlflow.log_artifact(str(args.plots / "loss.png"))
     log.info("dapt done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})

@@ -5,9 +5,10 @@
 
 The method (tunekit.methods) decides how the base is loaded, what is trained and what is saved: an
 adapter on top of the base, or full weights; meta.json records which, for evaluate and merge.
-A head task (task.type) trains a new head on the base; `task.type: multi_task` trains one shared
-backbone with a head per task of `task.tasks` (tunekit.heads.MultiTaskModel), each batch drawn from one
-task with probability proportional to its weight; methods full, freeze, head, lora, dora and ia3.
+What is trained is the task kind's (tunekit.tasks, `task.type`): the objective (the causal-LM loss for
+sft; a new head's loss on the base for a head kind; for multi_task one shared backbone with a head per
+task of `task.tasks`, each batch drawn from one task with probability proportional to its weight) and
+the method re-targeted at the kind's model, or refused with the reason.
 
 Killed runs resume from the newest checkpoint under --checkpoints that matches the same params,
 data and base model; the finished output is written atomically, so DVC never sees a partial one.
@@ -15,7 +16,7 @@ data and base model; the finished output is written atomically, so DVC never see
 Several processes: `finetune.processes: N` (N > 1) makes the stage re-launch itself as
 `python -m torch.distributed.run --standalone --nproc_per_node N -m stages.finetune <same args>`;
 each worker joins a gloo (CPU) or nccl (CUDA) process group, trains its shard of every global batch
-(batch_size * grad_accum * N rows per optimizer step; see tunekit/train.py) and rank 0 alone writes
+(batch_size * grad_accum * N rows per optimizer step; see tunekit/train/) and rank 0 alone writes
 checkpoints, outputs, plots, metrics and the MLflow run. Multi-GPU recipes (DDP, FSDP, DeepSpeed):
 docs/multi_gpu.md.
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -41,29 +41,24 @@ from pathlib import Path
 import torch
 
 from tunekit.card import write_card
-from tunekit.heads import TaskObjective
-from tunekit.io import atomic_dir, content_hash, read_jsonl, read_meta, without_timings, write_json, write_meta
+from tunekit.checkpoints import checkpoint_hash, run_key
+from tunekit.io import atomic_dir, content_hash, read_jsonl, without_timings, write_json, write_meta
 from tunekit.methods import Method, method_for, parameter_counts
 from tunekit.models import compute_device, load_tokenizer, set_threads
-from tunekit.params import FinetuneParams, ProjectParams, TemplateParams, load_section
+from tunekit.params import FinetuneParams, ProjectParams, TaskParams, TemplateParams, load_section
 from tunekit.plots import forgetting_curve_png, loss_curve_png, write_csv
-from tunekit.tracking import configure_logging, data_tags, log_checkpoint, log_datasets, log_metrics, stage_run
+from tunekit.tasks import Task, task_for
+from tunekit.tracking import (configure_logging, data_tags, log_checkpoint, log_curves, log_datasets, log_metrics,
+                              stage_run)
 from tunekit.train import BF16_ON_CPU, TrainConfig, barrier, dist_info, replay_lm_rows, train
 
 log = logging.getLogger("tunekit")
 
 
-def run_key(params: FinetuneParams, seed: int, base_hash: str, data_hashes: dict[str, str]) -> str:
-    """Checkpoints are only resumed by a run with the same params, seed, base and data."""
-    blob = json.dumps({"params": params.model_dump(), "seed": seed, "base": base_hash, "data": data_hashes}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def write_output(out: Path, method: Method, model: torch.nn.Module, tokenizer, params: dict, model_dir: Path,
                  data_hashes: dict[str, str], task: dict | None = None) -> None:
     """The method's checkpoint (adapter or full weights), the tokenizer, and meta.json saying which it is
-    (and, for a task head, the task: type, labels, pooling, class weights; tunekit.heads.TaskSpec; for
-    multi-task, every task's spec and weight: tunekit.heads.multitask_meta)."""
+    (and, for task heads, the task kind's meta: tunekit.tasks Training.meta)."""
     method.checkpoint.save(model, out)
     tokenizer.save_pretrained(out)
     write_meta(out, "finetune", params, parent=model_dir, data=data_hashes,
@@ -71,53 +66,10 @@ def write_output(out: Path, method: Method, model: torch.nn.Module, tokenizer, p
                       "full_forward": method.full_forward, **({"task": task} if task else {})})
 
 
-def _no_general_text(task, params: FinetuneParams) -> None:
-    if params.replay.ratio > 0 or params.forgetting_every_n_steps:
-        raise SystemExit(f"task.type {task.type}: finetune.replay and finetune.forgetting_every_n_steps mix in or score "
-                         "general text with the language-modelling loss, which a task head has no use for; set "
-                         "finetune.replay.ratio: 0 and finetune.forgetting_every_n_steps: null")
-
-
-def task_setup(task, params: FinetuneParams, method: Method, model_dir: Path, data_dir: Path):
-    """(TaskSpec, the method re-targeted at task models) for `task.type` != sft, from labels.json."""
-    from tunekit.heads import task_method, task_spec
-    from tunekit.tasks import load_labels
-
-    _no_general_text(task, params)
-    spec = task_spec(task, load_labels(data_dir), model_dir, list(read_jsonl(data_dir / "train.jsonl")))
-    log.info("task %s: %d labels %s, pooling %s, %s%s", spec.type, spec.num_labels, list(spec.labels)[:8],
-             spec.pooling, "encoder" if spec.encoder else "decoder",
-             f", class weights {[round(w, 3) for w in spec.class_weights]}" if spec.class_weights else "")
-    return spec, task_method(method, spec)
-
-
-def multitask_setup(task, params: FinetuneParams, method: Method, model_dir: Path, data_dir: Path,
-                    train_rows: list[dict]):
-    """(TaskSpec per task, the MultiTaskObjective mixing them by task.tasks.<name>.weight, the method
-    re-targeted at the shared-backbone model) for `task.type: multi_task`, from labels.json."""
-    from tunekit.heads import MultiTaskObjective, TaskError, multitask_method, task_spec
-    from tunekit.tasks import load_labels
-
-    _no_general_text(task, params)
-    info = load_labels(data_dir)
-    if info.get("task") != "multi_task" or sorted(info.get("tasks", {})) != sorted(task.tasks):
-        raise TaskError(f"{data_dir}/labels.json holds task {info.get('task')!r} {sorted(info.get('tasks', {}))} but "
-                        f"params.yaml task.tasks names {sorted(task.tasks)}: re-run ingest and template "
-                        "(dvc repro -f ingest template)")
-    specs = {}
-    for name in task.tasks:
-        try:
-            specs[name] = task_spec(task.subtask(name), info["tasks"][name], model_dir,
-                                    [row for row in train_rows if row["task"] == name])
-        except TaskError as exc:
-            raise TaskError(f"task.tasks.{name}: {exc}") from None
-        spec = specs[name]
-        log.info("task %s (%s): %d labels %s, pooling %s, weight %g%s", name, spec.type, spec.num_labels,
-                 list(spec.labels)[:8], spec.pooling, task.tasks[name].weight,
-                 f", class weights {[round(w, 3) for w in spec.class_weights]}" if spec.class_weights else "")
-    weights = {name: sub.weight for name, sub in task.tasks.items()}
-    objective = MultiTaskObjective(specs, weights, [row["task"] for row in train_rows])
-    return specs, objective, multitask_method(method, specs)
+def check_general_text(task: Task, task_params: TaskParams, params: FinetuneParams) -> None:
+    if task.no_general_text and (params.replay.ratio > 0 or params.forgetting_every_n_steps):
+        raise SystemExit(f"task.type {task_params.type}: {task.no_general_text}; set finetune.replay.ratio: 0 and "
+                         "finetune.forgetting_every_n_steps: null")
 
 
 def general_text_rows(params: FinetuneParams, tokenizer, replay_max_length: int) -> tuple[list[dict], list[dict]]:
@@ -147,7 +99,8 @@ def general_text_rows(params: FinetuneParams, tokenizer, replay_max_length: int)
 
 
 def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out: Path,
-        plots: Path, checkpoints: Path, template_max_length: int = 512, task=None) -> tuple[dict, dict]:
+        plots: Path, checkpoints: Path, template_max_length: int = 512,
+        task_params: TaskParams | None = None) -> tuple[dict, dict]:
     rank, world = dist_info()
     device = compute_device()
     if params.precision == "bf16" and device.type != "cuda":
@@ -163,30 +116,26 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     val_rows = list(read_jsonl(data_dir / "validation.jsonl"))
     if not train_rows:
         raise SystemExit(f"{data_dir / 'train.jsonl'} holds no examples: check the ingest and template metrics")
-    objective, task_meta = None, None
-    if task is not None and task.type == "multi_task":  # a head per task on one shared backbone (tunekit.heads)
-        from tunekit.heads import multitask_meta
-
-        specs, objective, method = multitask_setup(task, params, method, model_dir, data_dir, train_rows)
-        task_meta = multitask_meta(specs, objective.weights)
-    elif task is not None and task.type != "sft":  # a head on the base (tunekit.heads)
-        spec, method = task_setup(task, params, method, model_dir, data_dir)
-        objective, task_meta = TaskObjective(spec), spec.to_meta()
+    task_params = task_params or TaskParams()
+    task = task_for(task_params)
+    check_general_text(task, task_params, params)
+    training = task.training(task_params, params, method, model_dir, data_dir, train_rows)
+    method = training.method
     model = method.prepare(method.load_base(model_dir, device=device), params)  # qlora on CUDA: bf16 compute
     counts = parameter_counts(model)
     log.info("method %s: %d of %d parameters trainable (%.3f%%)", method.name, counts["trainable_parameters"],
              counts["total_parameters"], 100 * counts["trainable_fraction"])
 
     data_hashes = {name: content_hash(data_dir / f"{name}.jsonl") for name in ("train", "validation")}
-    base_hash = (read_meta(model_dir) or {}).get("hash") or content_hash(model_dir)
-    ckpt_dir = checkpoints / run_key(params, seed, base_hash, {**data_hashes, **({"task": json.dumps(task_meta)} if task_meta else {})})
+    task_data = {"task": json.dumps(training.meta)} if training.meta else {}
+    ckpt_dir = checkpoints / run_key(params.model_dump(), seed, checkpoint_hash(model_dir), {**data_hashes, **task_data})
     replay_rows, probe_rows = general_text_rows(params, tokenizer, params.replay.max_length or template_max_length)
 
     cfg = TrainConfig(
         **params.loop_config(), lr=params.lr, seed=seed, full_forward=method.full_forward,
         layer_lr_decay=params.layer_lr_decay, head_lr=params.head_lr, l2_to_init=params.l2_to_init, replay_ratio=params.replay.ratio,
         forgetting_every=params.forgetting_every_n_steps,
-        objective=objective,
+        objective=training.objective,
     )
     started = time.perf_counter()
     state = train(model, train_rows, val_rows, cfg, tokenizer.pad_token_id, ckpt_dir,
@@ -198,7 +147,7 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
             write_json(tmp / "history.json", {"train": state.history, "validation": state.evals,
                                               **({"probe": state.probes} if state.probes else {})})
             write_output(tmp, method, model.cpu() if device.type == "cuda" and method.name != "qlora" else model,
-                         tokenizer, {"seed": seed, **params.model_dump()}, model_dir, data_hashes, task_meta)
+                         tokenizer, {"seed": seed, **params.model_dump()}, model_dir, data_hashes, training.meta)
             write_card(tmp, {"finetune": counts})
         write_csv(plots / "train_loss.csv", state.history, ["step", "train_loss"])
         write_csv(plots / "val_loss.csv", state.evals, ["step", "val_loss"])
@@ -211,10 +160,10 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     barrier()
 
-    # What the loss was averaged over: trained tokens for SFT; for task heads the objective's count, i.e.
+    # What the loss was averaged over (the kind's loss unit): trained tokens for SFT; for task heads the objective's count, i.e.
     # examples (classification), windows (qa) or labelled tokens (token classification), mixed for multi-task.
     trained = sum(h["tokens"] for h in state.history)
-    unit = "tokens" if objective is None else "loss_units"
+    unit = training.loss_unit
     metrics = {
         **counts,
         "steps": state.step,
@@ -285,12 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0:
                 write_json(args.metrics, without_timings(metrics))
                 log_metrics(mlflow, metrics)
-                for point in curves["history"]:
-                    mlflow.log_metrics({"train_loss": point["train_loss"], "lr": point["lr"]}, step=point["step"])
-                for point in curves["evals"]:
-                    mlflow.log_metric("val_loss", point["val_loss"], step=point["step"])
-                for point in curves["probes"]:
-                    mlflow.log_metric("probe_loss", point["probe_loss"], step=point["step"])
+                log_curves(mlflow, curves)
                 mlflow.log_artifact(str(args.plots / "loss.png"))
                 if curves["probes"]:
                     mlflow.log_artifact(str(args.plots / "forgetting_curve.png"))

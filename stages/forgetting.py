@@ -20,36 +20,33 @@ import json
 import logging
 from pathlib import Path
 
-from tunekit.forgetting import (BaseScoreCache, ProbeError, base_scores, cache_key, checkpoint_hash, compare, load_probe,
-                                loss_bar_png, markdown_report, score, tokenize_probe)
-from tunekit.io import atomic_dir, is_merged, not_merged_reason, read_meta, write_json
-from tunekit.methods import load_tuned
+from tunekit.checkpoints import CheckpointMeta, checkpoint_hash
+from tunekit.forgetting import (BaseScoreCache, ProbeError, base_scores, cache_key, compare, load_probe, loss_bar_png,
+                                markdown_report, score, tokenize_probe)
+from tunekit.io import atomic_dir, is_merged, not_merged_reason, write_json
 from tunekit.models import load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import ForgettingParams, ProjectParams, load_section
+from tunekit.tasks import load_tuned, task_of
 from tunekit.tracking import configure_logging, log_metrics, stage_run
 
 log = logging.getLogger("tunekit")
 
 
-def lineage(model_dir: Path) -> tuple[Path, dict]:
+def lineage(model_dir: Path) -> tuple[Path, CheckpointMeta]:
     """The base checkpoint named by the fine-tuned checkpoint's meta.json, and that meta."""
-    meta = read_meta(model_dir)
-    if meta is None or not meta.get("parent"):
-        raise SystemExit(f"{model_dir}/meta.json is missing or names no parent checkpoint; re-run the finetune stage")
-    base_dir = Path(meta["parent"]["path"])
-    if not base_dir.is_dir():
-        raise SystemExit(f"{model_dir}/meta.json names the base {base_dir}, which does not exist; re-run the base stage")
-    return base_dir, meta
+    meta = CheckpointMeta.of_tuned(model_dir)
+    if not meta.parent.is_dir():
+        raise SystemExit(f"{model_dir}/meta.json names the base {meta.parent}, which does not exist; re-run the base stage")
+    return meta.parent, meta
 
 
 def run(params: ForgettingParams, model_dir: Path, merged_dir: Path | None, out: Path, cache_dir: Path) -> dict:
     set_threads(params.threads)
     base_dir, meta = lineage(model_dir)
-    task = meta.get("task") or "sft"
-    task = task.get("type", "sft") if isinstance(task, dict) else task
-    if task != "sft":
-        return not_applicable(out, f"{model_dir} was fine-tuned for task {task!r}: a task head has no language-model "
-                                   "output to score a general-text probe with, so forgetting is measured for sft only")
+    if task_of(meta).no_general_text:
+        return not_applicable(out, f"{model_dir} was fine-tuned for task {meta.task_type!r}: a task head has no "
+                                   "language-model output to score a general-text probe with, so forgetting is measured "
+                                   "for sft only")
     try:
         probe = load_probe(params.probe, params.probe_passages)
         tokenizer = load_tokenizer(base_dir)  # one tokenisation of the probe for every model
@@ -79,8 +76,8 @@ def run(params: ForgettingParams, model_dir: Path, merged_dir: Path | None, out:
     del tuned
 
     if is_merged(merged_dir):
-        merged_meta = read_meta(merged_dir) or {}
-        if (merged_meta.get("parent") or {}).get("hash") not in (None, meta.get("hash")):
+        merged_meta = CheckpointMeta.read(merged_dir)
+        if merged_meta is not None and merged_meta.parent_hash not in (None, meta.hash):
             log.warning("%s was merged from another fine-tune than %s; re-run the merge stage", merged_dir, model_dir)
         merged = load_causal_lm(merged_dir)
         results["merged"] = compare(base, score(merged, rows, pad_id, params.batch_size))

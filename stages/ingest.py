@@ -4,10 +4,10 @@
 
 Reads `ingest.inputs` (a file or a directory of *.jsonl) in any supported format. Every line is
 accepted, counted as a duplicate, or written to <out>/rejects.jsonl with its file, line and reason.
-`task.type` chooses the formats: the chat formats for sft, the task's own formats (classification,
-token_classification / CoNLL, squad) for a head-based task. With `task.type: multi_task` each task of
-`task.tasks` is read from its own `inputs` with its own formats (`ingest.inputs` is not read then) and
-every row carries its task's name; metrics per task under "tasks", totals at the top.
+`task.type` chooses the formats: its registry entry (tunekit.tasks) reads the kind's own formats (the
+chat formats for sft; classification, token_classification / CoNLL, squad for the heads), and for
+`multi_task` each task of `task.tasks` from its own `inputs` (`ingest.inputs` is not read then), every
+row carrying its task's name; metrics per task under "tasks", totals at the top.
 """
 
 from __future__ import annotations
@@ -17,26 +17,17 @@ import logging
 import sys
 from pathlib import Path
 
-from tunekit.ingest import IngestError, ingest, ingest_tasks
+from tunekit.ingest import IngestError
 from tunekit.io import write_json
 from tunekit.params import IngestParams, ProjectParams, TaskParams, load_section
-from tunekit.tracking import configure_logging, data_tags, log_metrics, stage_run
+from tunekit.tasks import task_for
+from tunekit.tracking import configure_logging, log_metrics, stage_run
 
 log = logging.getLogger("tunekit")
 
 
 def run(params: IngestParams, out: Path, task: TaskParams | None = None) -> dict:
-    if task is not None and task.type == "multi_task":
-        if params.format != "auto":
-            raise IngestError(f"ingest.format is {params.format!r} but task.type is multi_task, where each task's files "
-                              "are read in its own type's formats: set ingest.format: auto (CoNLL files of a "
-                              "token_classification task: .conll, or a single .txt file)")
-        return ingest_tasks({name: (sub.type, sub.inputs) for name, sub in task.tasks.items()}, out,
-                            max_chars=params.max_chars, max_reject_rate=params.max_reject_rate,
-                            validation=params.validation, test=params.test)
-    return ingest(params.inputs, out, fmt=params.format, max_chars=params.max_chars,
-                  max_reject_rate=params.max_reject_rate, validation=params.validation, test=params.test,
-                  task=(task or TaskParams()).type)
+    return task_for(task).ingest(params, task or TaskParams(), out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,12 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     params: IngestParams = load_section("ingest")
     task: TaskParams = load_section("task")
 
-    if task.type == "multi_task":
-        tags = {"task.type": task.type, **{f"data.inputs_path.{name}": sub.inputs for name, sub in task.tasks.items()},
-                **data_tags(**{f"inputs.{name}": Path(sub.inputs) for name, sub in task.tasks.items()})}
-    else:
-        tags = {"data.inputs_path": params.inputs, "task.type": task.type, **data_tags(inputs=Path(params.inputs))}
-    with stage_run("ingest", project.experiment, params, tags=tags) as mlflow:
+    with stage_run("ingest", project.experiment, params, tags=task_for(task).ingest_tags(params, task)) as mlflow:
         try:
             metrics = run(params, args.out, task)
         except IngestError as exc:

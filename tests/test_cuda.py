@@ -150,7 +150,8 @@ def test_task_head_stages_on_cuda(method, llama_dir, smollm2_tokenizer, tmp_path
     merged = tmp_path / "merged"
     check = merge.run(MergeParams(registered_model=None, check_examples=8), out, data, merged)
     assert is_merged(merged) and (check["predictions_identical"] == 1 or method == "qlora")
-    results = evaluate.run_task(EvaluateParams(batch_size=8), out, ingested, data, tmp_path / "report", merged, task)
+    results = evaluate.run(EvaluateParams(batch_size=8), TemplateParams(), out, ingested, data, tmp_path / "report", merged,
+                           task=task)
     assert results["tuned"]["accuracy"] >= 0.9 > results["base"]["accuracy"], results
     assert results["merged"]["accuracy"] >= 0.9
 

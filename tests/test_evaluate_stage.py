@@ -122,7 +122,7 @@ def test_few_shot_prompt_holds_k_train_demonstrations_and_nothing_from_test(proj
         assert prompt.text.endswith(f"user\n{record['messages'][1]['content']}<|im_end|>\n<|im_start|>assistant\n")
     assert prompts_from_conversations(few_shot_records(test, train, 0, 5), smollm2_tokenizer, template) == \
         prompts_from_conversations(test, smollm2_tokenizer, template)  # k=0: zero-shot
-    assert choose_demonstrations(train, "x", 10, 1) and pytest.raises(ValueError, choose_demonstrations, train, "x", 11, 1)
+    assert choose_demonstrations(train, "x", 10, 1) and pytest.raises(ValueError, choose_demonstrations, train, "x", 11, 1)  # noqa: RUF061
 
 
 def test_canonical_solutions_pass_through_the_same_scoring(tmp_path):
@@ -156,7 +156,7 @@ def test_code_task_on_the_tiny_model_goes_through_the_sandbox_for_every_model(pr
 
 
 def test_real_dapt_parent_is_scored_and_passthrough_is_not(project, tiny_model_dir, smollm2_tokenizer, tmp_path):
-    from stages.evaluate import dapt_checkpoint
+    from tunekit.tasks.sft import dapt_checkpoint
 
     dapt = tmp_path / "dapt"
     load_causal_lm(tiny_model_dir).save_pretrained(dapt, safe_serialization=True)

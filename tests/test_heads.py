@@ -1,4 +1,4 @@
-"""Task heads (tunekit/heads.py): pooling on padded batches, the loss normalisation, each task learning a
+"""Task heads (tunekit/tasks/heads.py and the kinds' modules): pooling on padded batches, the loss normalisation, each task learning a
 memorisable set on a tiny model, and the finetune -> merge -> evaluate stages for every task type with
 LoRA (the head trained through modules_to_save, reloaded with the adapter, merged into one standalone
 model that predicts exactly what the adapter model predicts).
@@ -15,13 +15,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from tunekit.heads import (PooledClassifier, TaskObjective, TaskSpec, collate_task, load_task_base, load_task_model, pool,
-                           predict, resolve_class_weights, score_task, task_method)
+from tunekit.modeling import PooledClassifier, pool
+from tunekit.tasks.heads import (TaskObjective, TaskSpec, collate_task, load_task_base, load_task_model, predict,
+                                 resolve_class_weights, score_task, task_method, tokenize_task)
 from tunekit.io import read_json, read_jsonl, write_jsonl
 from tunekit.methods import METHODS, MethodError, parameter_counts
 from tunekit.models import embedded_minilm
-from tunekit.params import EvaluateParams, FinetuneParams, MergeParams, TaskParams
-from tunekit.tasks import tokenize_task
+from tunekit.params import EvaluateParams, FinetuneParams, MergeParams, TaskParams, TemplateParams
 from tunekit.train import TrainConfig, accumulate_gradients, train
 
 
@@ -76,7 +76,7 @@ def raw_examples(task: str) -> list[dict]:
             for i, word in enumerate(words):
                 rows.append({"text": f"my {word} is number {i}", "label": label})
     elif task == "token_classification":
-        for i, (person, place) in enumerate(zip(PEOPLE, PLACES)):
+        for person, place in zip(PEOPLE, PLACES):
             rows.append({"tokens": [person, "travelled", "to", place, "today"], "tags": ["B-PER", "O", "O", "B-LOC", "O"]})
             rows.append({"tokens": ["in", place, "we", "met", person], "tags": ["O", "B-LOC", "O", "O", "B-PER"]})
     else:
@@ -274,7 +274,8 @@ def test_finetune_merge_evaluate_stages_with_lora(task, arch, pooling, bert_dir,
         assert f"pipeline_tag: {tag}" in card and loader in card and "AutoModelForCausalLM" not in card
     assert not any("lora" in name for name, _ in standalone.named_parameters())
 
-    results = evaluate.run_task(EvaluateParams(batch_size=8), out, ingested, data, tmp_path / "report", merged, task_params)
+    results = evaluate.run(EvaluateParams(batch_size=8), TemplateParams(), out, ingested, data, tmp_path / "report", merged,
+                           task=task_params)
     key = _metric(task, {})
     # LoRA on a random 2-layer, 32-wide encoder memorises classification and tags; QA only gets better
     # (its own memorisation test with full training is test_each_task_learns_a_memorisable_set)
@@ -297,7 +298,7 @@ def test_finetune_merge_evaluate_stages_with_lora(task, arch, pooling, bert_dir,
 
 
 def test_multitask_batches_follow_the_weights():
-    from tunekit.heads import MultiTaskObjective
+    from tunekit.tasks.multi_task import MultiTaskObjective
 
     specs = {"a": TaskSpec("classification", ("x", "y")), "b": TaskSpec("token_classification", ("O", "B-X"))}
     objective = MultiTaskObjective(specs, {"a": 3.0, "b": 1.0}, ["a"] * 40 + ["b"] * 40)
@@ -308,7 +309,8 @@ def test_multitask_batches_follow_the_weights():
 
 
 def test_multitask_shared_encoder_learns_both_tasks(bert_dir, minilm_tokenizer, tmp_path):
-    from tunekit.heads import MultiTaskObjective, load_multitask_base, load_multitask_model, one_task
+    from tunekit.modeling import one_task
+    from tunekit.tasks.multi_task import MultiTaskObjective, load_multitask_base, load_multitask_model
 
     data, specs = {}, {}
     for name, task in (("topic", "classification"), ("ner", "token_classification")):

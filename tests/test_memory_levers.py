@@ -16,8 +16,9 @@ from tests.conftest import tiny_llama
 from tunekit.methods import method_for
 from tunekit.params import FinetuneParams
 from tests.conftest import REPO
-from tunekit.train import (IGNORE, TrainConfig, _dropout_drop, _DroppedLinear, _keep_rate, checkpoint_mlps, collate,
-                           grouped_query_sdpa, linear_cross_entropy_sum, regenerate_lora_dropout, token_loss_sum, train)
+from tunekit.train import (IGNORE, TrainConfig, checkpoint_mlps, collate, grouped_query_sdpa, linear_cross_entropy_sum,
+                           regenerate_lora_dropout, token_loss_sum, train)
+from tunekit.train.memory import _dropout_drop, _DroppedLinear, _keep_rate
 
 
 def saved_bytes(fn) -> int:

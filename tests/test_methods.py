@@ -17,13 +17,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from stages import evaluate, finetune, merge
+from stages import finetune, merge
 from tests.conftest import tiny_llama
 from tunekit.chat import encode_conversation, pack, resolve_chat_template
 from tunekit.generate import Prompt, generate
 from tunekit.io import NOT_MERGED, is_merged, not_merged_reason, write_jsonl
 from tunekit.methods import METHODS, Bottleneck, MethodError, method_for, parameter_counts
 from tunekit.params import FinetuneParams, MergeParams, ParamsError, validate_section
+from tunekit.tasks import load_tuned
 from tunekit.train import (PackingWithVirtualTokens, TrainConfig, accumulate_gradients, collate, evaluate_loss,
                            token_loss_sum, train)
 
@@ -231,7 +232,7 @@ def test_method_trains_saves_reloads_and_merges(name, rows, held_out, base_dirs,
     assert (meta["method"], meta["mergeable"], meta["saves_adapter"]) == (name, method.mergeable, method.saves_adapter)
     assert (out / "model.safetensors").is_file() != method.saves_adapter  # full weights xor an adapter
 
-    tuned = evaluate.load_tuned(out)
+    tuned = load_tuned(out)
     torch.testing.assert_close(logits(tuned.model, batch), tuned_logits, rtol=0, atol=1e-5)
     assert len(answers(tuned.model, smollm2_tokenizer)) == len(CONVERSATIONS)  # evaluate's generation runs
     with tuned.base() as reloaded_base:

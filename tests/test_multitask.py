@@ -18,10 +18,12 @@ from transformers import AutoTokenizer
 
 from stages import evaluate, finetune, forgetting, ingest, merge, template
 from tests.test_heads import raw_examples, tiny_bert_dir
-from tunekit.heads import (MultiTaskModel, TaskSpec, load_multitask_model, load_task_model, multitask_meta, multitask_method,
-                           one_task, predict)
+from tunekit.modeling import MultiTaskModel, one_task
+from tunekit.tasks import load_tuned
+from tunekit.tasks.heads import TaskSpec, load_task_model, predict
+from tunekit.tasks.multi_task import load_multitask_model, multitask_meta, multitask_method
 from tunekit.io import read_json, read_jsonl
-from tunekit.methods import METHODS, MethodError, load_tuned
+from tunekit.methods import METHODS, MethodError
 from tunekit.models import embedded_minilm
 from tunekit.params import (EvaluateParams, FinetuneParams, ForgettingParams, IngestParams, MergeParams, ParamsError,
                             TaskParams, TemplateParams, validate_section)
@@ -213,7 +215,7 @@ def test_finetune_merge_evaluate_stages(name, two_tasks, base_dir, tmp_path):
     finetune_params = FinetuneParams(method=name, epochs=EPOCHS[name], lr=LR[name], batch_size=8, eval_every=60, checkpoint_every=1000,
                                      early_stopping_patience=None, lora={"r": 8, "alpha": 16, "dropout": 0.0})
     out = tmp_path / "finetune"
-    metrics, curves = finetune.run(finetune_params, 0, base_dir, tokenized, out, tmp_path / "plots", tmp_path / "ckpts", 32, params)
+    _, curves = finetune.run(finetune_params, 0, base_dir, tokenized, out, tmp_path / "plots", tmp_path / "ckpts", 32, params)
     meta = read_json(out / "meta.json")
     assert meta["method"] == name and meta["task"]["type"] == "multi_task"
     assert meta["task"]["weights"] == {"topic": 1.0, "ner": 1.0}
@@ -236,7 +238,7 @@ def test_finetune_merge_evaluate_stages(name, two_tasks, base_dir, tmp_path):
         assert "load_multitask_model(Path(" in (merged / "README.md").read_text()
 
     report = tmp_path / "report"
-    results = evaluate.run_task(EvaluateParams(batch_size=8), out, ingested, tokenized, report, merged, params)
+    results = evaluate.run(EvaluateParams(batch_size=8), TemplateParams(), out, ingested, tokenized, report, merged, task=params)
     assert results["task"] == "multi_task" and results["tasks"] == {"topic": "classification", "ner": "token_classification"}
     for task, kind in results["tasks"].items():
         key = KEY[kind]

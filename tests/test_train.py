@@ -119,9 +119,9 @@ def test_checkpoint_every_auto_bounds_the_work_a_kill_loses(rows, smollm2_tokeni
     """A fixed checkpoint_every of half the run: a kill in the first half lost everything. auto checkpoints every
     tenth of the run when that is sooner than every CHECKPOINT_TARGET_SECONDS, from the step after the timed
     ones on (the 30 s floor is lifted here: the tiny model's whole run is shorter than that)."""
-    from tunekit import train as train_module
+    from tunekit.train import checkpointing
 
-    monkeypatch.setattr(train_module, "CHECKPOINT_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(checkpointing, "CHECKPOINT_MIN_SECONDS", 0.0)
     saved = []
 
     def record(state):

@@ -23,12 +23,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tunekit.constants import PEFT_METHODS
 from tunekit.io import read_json, read_meta
+from tunekit.tasks import task_of
 
 CARD_FILE = "README.md"
 HISTORY_FILE = "history.json"
 VOLATILE_SUFFIXES = ("_seconds", "_per_second", "threads", "processes")  # vary run to run, not model facts
-PEFT_METHODS = ("lora", "dora", "ia3", "qlora", "prompt_tuning", "prefix_tuning", "p_tuning", "peft")
 
 
 def lineage(checkpoint_dir: Path) -> list[dict[str, Any]]:
@@ -117,67 +118,6 @@ def _base_description(root: dict[str, Any]) -> tuple[str, str | None]:
     return f"`{root.get('path')}` (hash `{str(root.get('hash') or '')[:16]}`)", None
 
 
-PIPELINE_TAGS = {"sft": "text-generation", "classification": "text-classification",
-                 "token_classification": "token-classification", "qa": "question-answering"}
-
-
-def _pipeline_tag(task: str, info: dict[str, Any]) -> str:
-    """The hub's pipeline tag; a multi-task model has a head per task and takes the tag of its first task
-    by name (meta.json keeps them sorted), with the tag `multi-task` beside it."""
-    if task == "multi_task":
-        types = [spec["type"] for _, spec in sorted((info.get("tasks") or {}).items())]
-        return PIPELINE_TAGS.get(types[0] if types else "", "feature-extraction")
-    return PIPELINE_TAGS.get(task, "text-generation")
-
-
-def _how_to_load(chain: list[dict[str, Any]], meta: dict[str, Any], merged: bool, task: str,
-                 info: dict[str, Any] | None = None) -> str:
-    method = meta.get("method", "")
-    if task == "multi_task":
-        names = list((info or {}).get("tasks") or {})
-        first = names[0] if names else "<task>"
-        if merged or not meta.get("saves_adapter"):
-            how, code = ("Standalone weights: a shared backbone with a head per task",
-                         "from tunekit.heads import load_multitask_model, one_task\n\n"
-                         "model = load_multitask_model(Path(\"<this directory>\"))")
-        else:
-            how, code = ("An adapter on the shared backbone and the trained heads, on the base named in `meta.json`",
-                         "from tunekit.heads import one_task\nfrom tunekit.methods import load_tuned\n\n"
-                         "model = load_tuned(Path(\"<this directory>\")).model")
-        return (f"{how} (multi-task: {', '.join(names)}). tunekit loads it, heads and labels included; "
-                "`one_task(model, name)` is the model of one task, and `model(name, **inputs)` runs its head:"
-                f"\n\n```python\nfrom pathlib import Path\n\n{code}\n{first} = one_task(model, \"{first}\")\n```\n")
-    if task != "sft":
-        if merged or not meta.get("saves_adapter"):
-            how, code = ("Standalone weights with the trained head", "from tunekit.heads import load_task_model\n\n"
-                         "model = load_task_model(Path(\"<this directory>\"))")
-        else:
-            how, code = ("An adapter and the trained head on the base named in `meta.json`",
-                         "from tunekit.methods import load_tuned\n\nmodel = load_tuned(Path(\"<this directory>\")).model")
-        return (f"{how} ({task.replace('_', ' ')}). tunekit loads it, head and labels included:\n\n```python\n"
-                f"from pathlib import Path\n\n{code}\n```\n")
-    if merged or not meta.get("saves_adapter"):
-        return ("Standalone weights; plain `transformers` loads them (no peft, no tunekit):\n\n```python\n"
-                "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")\n"
-                "tokenizer = AutoTokenizer.from_pretrained(\"<this directory>\")  # chat template included\n"
-                "text = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"...\"}], tokenize=False, add_generation_prompt=True)\n```\n")
-    parent = chain[1] if len(chain) > 1 else {"path": "<base checkpoint>", "meta": {}}
-    base = parent["meta"].get("passthrough") or parent["path"]  # dapt off: models/dapt only points at the base
-    text = ("An adapter on top of its base, not standalone weights. tunekit loads it with the base named in "
-            "`meta.json` (4-bit for qlora, as trained):\n\n```python\n"
-            "from pathlib import Path\n\nfrom tunekit.methods import load_tuned\n\n"
-            "tuned = load_tuned(Path(\"<this directory>\"))  # tuned.model, tuned.base_dir, tuned.method\n```\n")
-    if method in PEFT_METHODS:
-        text += (f"\nWith peft alone (full-precision base):\n\n```python\n"
-                 "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-                 f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
-                 "model = PeftModel.from_pretrained(base, \"<this directory>\")\n```\n")
-    if meta.get("mergeable"):
-        text += "\nThe merge stage folds it into the weights: `models/merged` is the standalone version.\n"
-    return text
-
-
 def _table(rows: dict[str, Any]) -> str:
     if not rows:
         return "_none recorded_\n"
@@ -196,15 +136,13 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
     tuned = next((link["meta"] for link in chain if link["meta"].get("stage") == "finetune"), {})
     method = meta.get("method") or tuned.get("method") or "unknown"
     info = meta.get("task") or tuned.get("task") or {}
-    task = info.get("type") or "sft"
+    facts = task_of({"task": info} if info else {}).card(info)
     base_text, hub_id = _base_description(chain[-1])
     metrics = dict(metrics or {})
 
     front = ["---", "library_name: " + ("transformers" if merged or not meta.get("saves_adapter") else
                                         "peft" if method in PEFT_METHODS else "tunekit"),
-             f"pipeline_tag: {_pipeline_tag(task, info)}", "tags:", "- tunekit", f"- {method}"]
-    if task == "multi_task":
-        front.append("- multi-task")
+             f"pipeline_tag: {facts.pipeline_tag}", "tags:", "- tunekit", f"- {method}", *(f"- {tag}" for tag in facts.tags)]
     if hub_id:
         front.append(f"base_model: {hub_id}")
     front.append("---")
@@ -228,7 +166,7 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
     out += ["## Data", "", "Content hashes (sha256, first 16 hex digits) of the data each checkpoint in the lineage was "
             "trained on; the same digests are the MLflow dataset digests and `data.*` run tags.", "", _table(data)]
 
-    training = {**training_summary(chain, "tokens" if task == "sft" else "loss_units"), **stable_metrics(metrics.pop("finetune", {}))}
+    training = {**training_summary(chain, facts.unit), **stable_metrics(metrics.pop("finetune", {}))}
     out += ["## Training", "", _table(training)]
     merge_metrics = metrics.pop("merge", {})
     if merged or merge_metrics:
@@ -260,7 +198,7 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
 
     out += ["## Lineage", "", "| stage | path | hash |", "|---|---|---|"]
     out += [f"| {link['stage']} | `{link['path']}` | `{str(link['hash'] or '')[:16]}` |" for link in chain]
-    out += ["", "## How to load", "", _how_to_load(chain, meta, merged, task, info)]
+    out += ["", "## How to load", "", facts.how_to_load(chain, meta, merged)]
     versions = meta.get("versions") or {}
     if versions:
         out += ["## Library versions", "", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())), ""]

@@ -301,7 +301,39 @@ def generate_qa(records: int, seed: int) -> list[dict]:
     return rows
 
 
+# Product reviews scored 1-5: the opinion word sets the score; an intensifier moves it half a point away
+# from the middle (3), a softener half a point towards it.
+REVIEW_OPINIONS = {1.0: ["terrible", "useless", "awful"], 2.0: ["poor", "disappointing", "flimsy"],
+                   3.0: ["okay", "average", "acceptable"], 4.0: ["good", "solid", "reliable"],
+                   5.0: ["excellent", "superb", "outstanding"]}
+REVIEW_QUALIFIERS = [("", 0.0), ("really ", 0.5), ("truly ", 0.5), ("somewhat ", -0.5), ("a bit ", -0.5)]
+REVIEW_TEMPLATES = ["The {item} is {opinion}.", "My {item} turned out {opinion}.", "{opinion_cap} {item}, honestly.",
+                    "I found the {item} {opinion} after a week of use.", "This {item} feels {opinion}."]
+REVIEW_EXTRAS = ["", "", " Delivery to {city} took {qty} days.", " Bought {qty} for the office.",
+                 " Ordered by {name}."]
+
+
+def generate_regression(records: int, seed: int) -> list[dict]:
+    """Product reviews with their rating as a number (1.0 to 5.0 in half points; 'target')."""
+    rng = random.Random(seed + 4_000_037)
+    scores = sorted(REVIEW_OPINIONS)
+    rows = []
+    for index in range(records):
+        score = scores[index % len(scores)]
+        qualifier, intensity = rng.choice(REVIEW_QUALIFIERS)
+        if score == 3.0 or (intensity > 0 and score in (1.0, 5.0)):
+            qualifier, intensity = "", 0.0  # "really okay" says nothing; ratings stay within 1-5
+        shift = intensity if score > 3.0 else -intensity  # "really poor" is worse than "poor"
+        opinion = qualifier + rng.choice(REVIEW_OPINIONS[score])
+        fields = _task_fields(rng)
+        text = (rng.choice(REVIEW_TEMPLATES).format(item=fields["item"], opinion=opinion, opinion_cap=opinion.capitalize())
+                + _fill(rng.choice(REVIEW_EXTRAS), fields))
+        rows.append({"text": text, "target": score + shift})
+    rng.shuffle(rows)
+    return rows
+
+
 def generate_tasks(records: int, seed: int) -> dict[str, list[dict]]:
-    """The three task demo sets, keyed by file stem (classification, ner, qa)."""
+    """The task demo sets, keyed by file stem (classification, ner, qa, regression)."""
     return {"classification": generate_classification(records, seed), "ner": generate_ner(records, seed),
-            "qa": generate_qa(records, seed)}
+            "qa": generate_qa(records, seed), "regression": generate_regression(records, seed)}

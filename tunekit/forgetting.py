@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tunekit.io import content_hash, read_meta, write_json
+from tunekit.io import write_json
 from tunekit.models import load_causal_lm
 from tunekit.text import TextError, load_documents
 from tunekit.train import evaluate_loss
@@ -143,10 +143,6 @@ def compare(base: dict[str, float], other: dict[str, float]) -> dict[str, float]
     delta = other["loss"] - base["loss"]
     return {**other, "loss_delta": delta, "relative_loss_change": delta / base["loss"],
             "perplexity_ratio": other["perplexity"] / base["perplexity"]}
-
-
-def checkpoint_hash(path: Path) -> str:
-    return (read_meta(path) or {}).get("hash") or content_hash(path)
 
 
 def cache_key(base_hash: str, probe_hash: str, max_length: int) -> str:

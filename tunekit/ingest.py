@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -37,17 +38,23 @@ from tqdm import tqdm
 from tunekit.toolcalls import ToolDataError, check_tool_results, normalise_tool_calls, normalise_tools, tool_result_fields
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
-TASK_FORMATS = ("classification", "token_classification", "conll", "squad")
+TASK_FORMATS = ("classification", "token_classification", "conll", "squad", "regression")
 ALL_FORMATS = FORMATS + TASK_FORMATS
-# task.type -> the ingest formats that task accepts (auto-detection looks only at these).
-TASK_TYPES: dict[str, tuple[str, ...]] = {
-    "sft": FORMATS,
-    "classification": ("classification",),
-    "token_classification": ("token_classification", "conll"),
-    "qa": ("squad",),
+# Each format's task kind: a kind reads only its own formats (auto-detection looks only at these), and
+# a format is read into the kind's records (chat Records for sft, TaskRecords for the heads).
+FORMAT_TASK: dict[str, str] = {
+    **dict.fromkeys(FORMATS, "sft"),
+    "classification": "classification",
+    "token_classification": "token_classification",
+    "conll": "token_classification",
+    "squad": "qa",
+    "regression": "regression",
 }
-TASK_OF_FORMAT = {"classification": "classification", "token_classification": "token_classification",
-                  "conll": "token_classification", "squad": "qa"}
+# task.type -> the ingest formats that kind accepts.
+TASK_TYPES: dict[str, tuple[str, ...]] = {}
+for _fmt, _task in FORMAT_TASK.items():
+    TASK_TYPES[_task] = (*TASK_TYPES.get(_task, ()), _fmt)
+TASK_OF_FORMAT = {fmt: task for fmt, task in FORMAT_TASK.items() if fmt not in FORMATS}
 CONLL_SUFFIXES = (".conll",)  # detected as CoNLL under auto; with ingest.format: conll also .txt
 SPLITS = ("train", "validation", "test")
 
@@ -61,6 +68,7 @@ _REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "classification": ("label",),  # plus "text", or "text_a" and "text_b" (checked when normalising)
     "token_classification": ("tokens", "tags"),
     "squad": ("context", "question", "answers"),
+    "regression": ("target",),  # plus "text", or "text_a" and "text_b", like classification
 }
 _FORMAT_KEYS_HELP = "; ".join(
     f"{fmt} needs {', '.join(json.dumps(key) for key in keys)}" for fmt, keys in _REQUIRED_KEYS.items()
@@ -70,6 +78,7 @@ _TASK_KEYS_HELP = {
     "classification": 'classification needs "text" (or "text_a" and "text_b") and "label"',
     "token_classification": 'token_classification needs "tokens" and "tags" (or .conll files)',
     "squad": 'squad needs "context", "question" and "answers"',
+    "regression": 'regression needs "text" (or "text_a" and "text_b") and "target" (a number or a list of numbers)',
 }
 _ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -151,7 +160,7 @@ def suffixes_for(task: str, fmt: str) -> tuple[str, ...]:
     """The file name endings read from an input directory for this task and ingest.format."""
     if fmt == "conll":
         return (*CONLL_SUFFIXES, ".txt")
-    if task == "token_classification" and fmt == "auto":
+    if "conll" in TASK_TYPES[task] and fmt == "auto":
         return (".jsonl", *CONLL_SUFFIXES)
     return (".jsonl",)
 
@@ -224,7 +233,7 @@ def ingest_tasks(tasks: dict[str, tuple[str, str | Path]], out_dir: Path, max_ch
     _check_reject_rate(max_reject_rate)
     sources: dict[str, tuple[str, str, list[Path]]] = {}
     for name, (kind, inputs) in tasks.items():
-        fmt = "conll" if kind == "token_classification" and Path(inputs).is_file() and str(inputs).endswith(".txt") else "auto"
+        fmt = "conll" if "conll" in TASK_TYPES[kind] and Path(inputs).is_file() and str(inputs).endswith(".txt") else "auto"
         _check_read_args(fmt, max_chars, kind)
         try:
             files = input_files(inputs, suffixes_for(kind, fmt))
@@ -418,7 +427,7 @@ def _check_no_overlap(inputs: Path, out_dir: Path) -> None:
 def _read_any(path: Path, fmt: str, max_chars: int, task: str = "sft"
               ) -> Iterator[tuple[Record | TaskRecord | Reject | None, bytes]]:
     """CoNLL text files for format conll (or a .conll file under token_classification), JSONL otherwise."""
-    if fmt == "conll" or (fmt == "auto" and task == "token_classification" and path.name.endswith(CONLL_SUFFIXES)):
+    if fmt == "conll" or (fmt == "auto" and "conll" in TASK_TYPES[task] and path.name.endswith(CONLL_SUFFIXES)):
         return _read_conll(path, max_chars)
     return _read_lines(path, fmt, max_chars, task)
 
@@ -452,6 +461,7 @@ def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
     detected: tuple[str, int] | None = None if fmt == "auto" else (fmt, 0)
     # classification: (multi-label?, line it was decided on): one kind of label per file.
     label_kind: tuple[bool, int] | None = None
+    chat = TASK_TYPES[task] == FORMATS  # conversations, not the fields of a head's record
     for line_no, text, bad_byte in _decoded_lines(path):
         if text is None:
             yield Reject(name, line_no, "invalid_utf8",
@@ -473,7 +483,7 @@ def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
                         f"train on it, or point ingest.inputs at {task} data")
                 if found is not None:
                     detected = (found, line_no)
-            if task == "sft":
+            if chat:
                 messages, tools = _normalise(obj, detected, max_chars)
             else:
                 if detected is None:
@@ -494,7 +504,7 @@ def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
         except (_Bad, ToolDataError) as bad:
             yield Reject(name, line_no, bad.reason, bad.detail), b""
             continue
-        if task == "sft":
+        if chat:
             digest = _digest({"messages": messages, "tools": tools} if tools else messages)
             yield Record(messages, name, line_no, digest.hex()[:16], tools), digest
         else:
@@ -507,9 +517,9 @@ def _parse_object(text: str) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _Bad("invalid_json", f"not valid JSON: {exc.msg} at column {exc.colno}; fix the line so that it "
-                                   "holds one complete JSON object (JSONL allows no line breaks inside a record)")
+                                   "holds one complete JSON object (JSONL allows no line breaks inside a record)") from None
     except RecursionError:
-        raise _Bad("invalid_json", "JSON is nested too deeply to parse; flatten the line")
+        raise _Bad("invalid_json", "JSON is nested too deeply to parse; flatten the line") from None
     if isinstance(obj, list):
         raise _Bad("not_an_object", "line is a JSON list, not an object; write one object per line "
                                     "(a JSON array file must be converted to JSONL)")
@@ -524,7 +534,7 @@ def _format_of(obj: dict[str, Any], formats: tuple[str, ...] = FORMATS) -> str |
         if fmt == "conll":
             continue  # a text format, chosen by file name or ingest.format
         if all(key in obj for key in _REQUIRED_KEYS[fmt]):
-            if fmt == "classification" and "text" not in obj and "text_a" not in obj:
+            if fmt in ("classification", "regression") and "text" not in obj and "text_a" not in obj:
                 continue
             return fmt
     return None
@@ -676,7 +686,7 @@ def _text(value: Any, where: str, allow_empty: bool = False, kinds: str = "a str
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise _Bad("invalid_utf8", f"{where} has an unpaired surrogate \\u{ord(value[exc.start]):04x} at "
-                                       f"character {exc.start + 1}; fix or remove the broken \\u escape")
+                                       f"character {exc.start + 1}; fix or remove the broken \\u escape") from None
     return value
 
 
@@ -737,6 +747,9 @@ def _normalise_task(obj: dict[str, Any], detected: tuple[str, int], max_chars: i
     elif fmt == "token_classification":
         fields = _token_fields(obj["tokens"], obj["tags"])
         chars = sum(len(token) for token in fields["tokens"])
+    elif fmt == "regression":
+        fields = {**_text_fields(obj), "target": _targets(obj["target"])}
+        chars = sum(len(fields[key]) for key in ("text", "text_a", "text_b") if key in fields)
     else:
         fields = _squad_fields(obj)
         chars = len(fields["context"]) + len(fields["question"])
@@ -757,7 +770,8 @@ def _label(value: Any, where: str) -> str:
     return value
 
 
-def _classification_fields(obj: dict[str, Any]) -> dict[str, Any]:
+def _text_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """"text", or the pair "text_a" and "text_b", of a sequence-level record (classification, regression)."""
     if "text_a" in obj or "text_b" in obj:
         if "text" in obj:
             raise _Bad("wrong_format", 'line has "text" and "text_a"/"text_b"; use "text" for one text or '
@@ -765,9 +779,29 @@ def _classification_fields(obj: dict[str, Any]) -> dict[str, Any]:
         for key in ("text_a", "text_b"):
             if key not in obj:
                 raise _Bad("wrong_format", f'{key} is missing; a text pair needs both "text_a" and "text_b"')
-        fields: dict[str, Any] = {"text_a": _text(obj["text_a"], "text_a"), "text_b": _text(obj["text_b"], "text_b")}
-    else:
-        fields = {"text": _text(obj["text"], "text")}
+        return {"text_a": _text(obj["text_a"], "text_a"), "text_b": _text(obj["text_b"], "text_b")}
+    return {"text": _text(obj["text"], "text")}
+
+
+def _targets(value: Any) -> float | list[float]:
+    """A regression target: one finite number, or a non-empty list of them (several outputs)."""
+    def number(item: Any, where: str) -> float:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            hint = " (write it as a JSON number, without quotes)" if isinstance(item, str) else ""
+            raise _Bad("not_a_number", f"{where} is {_describe(item)}; a regression target must be a number{hint}")
+        if not math.isfinite(item):
+            raise _Bad("not_a_number", f"{where} is {item}; a regression target must be a finite number")
+        return float(item)
+
+    if isinstance(value, list):
+        if not value:
+            raise _Bad("empty_content", "target is an empty list; give one number per output, or one number")
+        return [number(item, f"target[{index}]") for index, item in enumerate(value)]
+    return number(value, "target")
+
+
+def _classification_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = _text_fields(obj)
     value = obj["label"]
     if isinstance(value, list):
         labels = [_label(item, f"label[{index}]") for index, item in enumerate(value)]
@@ -880,8 +914,8 @@ def _read_conll(path: Path, max_chars: int) -> Iterator[tuple[TaskRecord | Rejec
                                        f"{max_chars}; split the sentence or raise ingest.max_chars")
         except _Bad as bad:
             return Reject(name, first, bad.reason, f"sentence starting at line {first}: {bad.detail}"), b""
-        digest = _task_digest("token_classification", fields)
-        return TaskRecord("token_classification", fields, name, first, digest.hex()[:16]), digest
+        digest = _task_digest(FORMAT_TASK["conll"], fields)
+        return TaskRecord(FORMAT_TASK["conll"], fields, name, first, digest.hex()[:16]), digest
 
     for line_no, text, bad_byte in _decoded_lines(path):
         if text is None and problem is None:

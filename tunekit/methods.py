@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from tunekit.heads import head_module_names, is_task_model, lora_targets, peft_task_type, train_head_only, transformer_layers
-from tunekit.io import read_meta
+from tunekit.checkpoints import CheckpointMeta
+from tunekit.modeling import (HEAD_NAMES, head_module_names, is_task_model, lora_targets, peft_task_type, train_head_only,
+                              transformer_layers)
 from tunekit.models import compute_device, load_causal_lm, resolve_checkpoint
 from tunekit.params import FinetuneParams
 
@@ -266,7 +267,7 @@ def _freeze(model: Module, params: FinetuneParams) -> Module:
 def _head(model: Module, params: FinetuneParams) -> Module:
     if is_task_model(model):
         if not head_module_names(model):
-            raise MethodError(f"method head: {type(model).__name__} has no task head named {', '.join(('classifier', 'score', 'qa_outputs'))}")
+            raise MethodError(f"method head: {type(model).__name__} has no task head named {', '.join(HEAD_NAMES)}")
         return train_head_only(model)  # linear probing: only the new task head trains
     if head_is_tied(model):
         raise MethodError(
@@ -451,17 +452,14 @@ class Tuned:
         return self.method.checkpoint.as_base(self.model, lambda: self.method.load_base(self.base_dir))
 
 
-def load_tuned(model_dir: Path) -> Tuned:
+def load_tuned(model_dir: Path, retarget: Callable[[Method, dict[str, Any]], Method] | None = None) -> Tuned:
     """The fine-tuned model as its method saved it (adapter on its base, or full weights), with the base
-    read from meta.json lineage. The base is loaded as for training (4-bit for qlora)."""
-    meta = read_meta(model_dir)
-    if meta is None or not meta.get("parent"):
-        raise SystemExit(f"{model_dir}/meta.json is missing or names no parent checkpoint; re-run the finetune stage")
-    base_dir = Path(meta["parent"]["path"])
-    method = method_of_checkpoint(meta)
-    if (meta.get("task") or {}).get("type", "sft") != "sft":  # task head(s): loaders from tunekit.heads
-        from tunekit.heads import task_method_for
-
-        method = task_method_for(method, meta["task"])
-    model = method.checkpoint.load(model_dir, lambda: method.load_base(base_dir))
-    return Tuned(model, base_dir, method)
+    read from meta.json lineage. The base is loaded as for training (4-bit for qlora). `retarget`: the
+    entry re-targeted at the checkpoint's task models (meta.json "task"); tunekit.tasks.load_tuned passes
+    the one of the checkpoint's task kind."""
+    meta = CheckpointMeta.of_tuned(model_dir)
+    method = method_of_checkpoint(meta.raw)
+    if retarget is not None:
+        method = retarget(method, meta.task)
+    model = method.checkpoint.load(model_dir, lambda: method.load_base(meta.parent))
+    return Tuned(model, meta.parent, method)

@@ -78,9 +78,9 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
     _check_lengths(predictions, references)
     if not references:
-        return {name: 0.0 for name in ROUGE_TYPES}
+        return dict.fromkeys(ROUGE_TYPES, 0.0)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True, split_summaries=False)
-    totals = {name: 0.0 for name in ROUGE_TYPES}
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for p, r in zip(predictions, references):
         scores = scorer.score(r, p)
         for name in ROUGE_TYPES:
@@ -305,3 +305,36 @@ def pass_at_k(num_samples: Sequence[int] | int, num_correct: Sequence[int], ks: 
                              f"{[samples[i] for i in short[:10]]}")
         result[k] = sum(pass_at_k_one(n, c, k) for n, c in zip(samples, correct)) / len(correct)
     return result
+
+
+# ---------------------------------------------------------------- regression
+
+
+def regression_metrics(y_true: Sequence[Sequence[float]], y_pred: Sequence[Sequence[float]],
+                       names: Sequence[str] | None = None) -> dict[str, float]:
+    """MSE and MAE (scikit-learn), Pearson and Spearman correlation (scipy) of rows of targets: averaged
+    over the targets, and per target (`<name>_<metric>`) when there are several. A correlation is NaN
+    when either side is constant (undefined, as scipy says)."""
+    import warnings
+
+    import numpy as np
+    from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+    true, pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
+    if true.shape != pred.shape or true.ndim != 2:
+        raise ValueError(f"targets {true.shape} and predictions {pred.shape} must both be [examples, targets]")
+    per_target = []
+    for column in range(true.shape[1]):
+        t, p = true[:, column], pred[:, column]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConstantInputWarning)
+            correlations = (float(pearsonr(t, p).statistic), float(spearmanr(t, p).statistic)) if len(t) > 1 \
+                else (float("nan"), float("nan"))
+        per_target.append({"mse": float(mean_squared_error(t, p)), "mae": float(mean_absolute_error(t, p)),
+                           "pearson": correlations[0], "spearman": correlations[1]})
+    metrics = {key: float(np.mean([m[key] for m in per_target])) for key in ("mse", "mae", "pearson", "spearman")}
+    if len(per_target) > 1:
+        for name, values in zip(names or [f"target_{i}" for i in range(len(per_target))], per_target):
+            metrics.update({f"{name}_{key}": value for key, value in values.items()})
+    return metrics

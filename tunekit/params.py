@@ -14,6 +14,8 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from tunekit.constants import METHOD_NAMES, MULTI_TASK_KINDS, TASK_KINDS
+
 PARAMS_FILE = Path("params.yaml")
 
 
@@ -41,7 +43,7 @@ class BaseModelParams(Section):
 class IngestParams(Section):
     inputs: str = "data/demo"
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt",
-                    "classification", "token_classification", "conll", "squad"] = "auto"
+                    "classification", "token_classification", "conll", "squad", "regression"] = "auto"
     max_chars: int = Field(16000, gt=0)
     max_reject_rate: float = Field(0.05, ge=0, le=1)
     validation: float = Field(0.1, ge=0, lt=1)
@@ -84,12 +86,13 @@ TASK_SETTINGS: dict[str, tuple[str, ...]] = {
     "doc_stride": ("qa",),
     "n_best": ("qa",),
     "max_answer_length": ("qa",),
+    "loss": ("regression",),
 }
 
 
 def _task_name(name: str) -> str:
     """Task names become module names (heads.<name>), id prefixes and report sections: identifiers only."""
-    import torch  # only when a multi-task run is configured
+    import torch  # only when a multi-task run names its tasks: torch says which names a ModuleDict reserves
 
     if not name.isidentifier():
         fixed = "".join(c if c.isalnum() else "_" for c in name)
@@ -102,12 +105,12 @@ def _task_name(name: str) -> str:
 
 
 class SubTaskParams(Section):
-    """One task of a multi-task run (`task.type: multi_task`; semantics: tunekit/heads.py MultiTaskModel).
+    """One task of a multi-task run (`task.type: multi_task`; semantics: tunekit/tasks/multi_task.py).
     `inputs` is its own data (a JSONL file or directory in the task's format; CoNLL .conll, or .txt, for
     token_classification), `weight` its share of the training batches; the other keys override the
     task.* value for this task and are refused on a task type they do not apply to."""
     # validate_default: a missing type or inputs is reported with what to write, not as "Field required".
-    type: Literal["classification", "token_classification", "qa"] | None = Field(None, validate_default=True)
+    type: Literal[MULTI_TASK_KINDS] | None = Field(None, validate_default=True)
     inputs: str | None = Field(None, validate_default=True)
     weight: float = Field(1.0, gt=0)
     labels: list[str] | None = None
@@ -117,12 +120,13 @@ class SubTaskParams(Section):
     doc_stride: int | None = Field(None, gt=0)
     n_best: int | None = Field(None, gt=0)
     max_answer_length: int | None = Field(None, gt=0)
+    loss: Literal["mse", "huber"] | None = None
 
     @field_validator("type")
     @classmethod
     def _type_given(cls, kind: str | None) -> str:
         if kind is None:
-            raise ValueError("every task needs a type: classification, token_classification or qa")
+            raise ValueError(f"every task needs a type: {', '.join(MULTI_TASK_KINDS[:-1])} or {MULTI_TASK_KINDS[-1]}")
         return kind
 
     @field_validator("inputs")
@@ -153,7 +157,7 @@ class SubTaskParams(Section):
 class TaskParams(Section):
     """What is trained: generative SFT (the chat pipeline), a head-based task (issue 6), or several head
     tasks on one shared encoder (`type: multi_task` with `tasks`)."""
-    type: Literal["sft", "classification", "token_classification", "qa", "multi_task"] = "sft"
+    type: Literal[TASK_KINDS] = "sft"
     labels: list[str] | None = None  # fixed label list (classification labels / NER tags); None = sorted train labels
     pooling: Literal["cls", "mean", "last", "auto"] = "auto"
     class_weights: Literal["balanced"] | dict[str, float] | None = None
@@ -161,6 +165,7 @@ class TaskParams(Section):
     doc_stride: int = Field(128, gt=0)
     n_best: int = Field(20, gt=0)
     max_answer_length: int = Field(30, gt=0)
+    loss: Literal["mse", "huber"] = "mse"  # regression: huber is less swayed by outlying targets (delta 1.0)
     # validate_default: `type: multi_task` without tasks is reported.
     tasks: dict[Annotated[str, AfterValidator(_task_name)], SubTaskParams] = Field({}, validate_default=True)
 
@@ -292,7 +297,7 @@ class LoopParams(Section):
     eval_every: int = Field(20, gt=0)
     early_stopping_patience: int | None = Field(3, gt=0)
     # steps between resumable checkpoints; auto: every ~3 minutes of training (a tenth of the run when that is
-    # sooner, never more often than every 30 s), from the time of the first steps (tunekit/train.py)
+    # sooner, never more often than every 30 s), from the time of the first steps (tunekit/train/checkpointing.py)
     checkpoint_every: Literal["auto"] | int = "auto"
     # auto: the feed-forward blocks where the model has them (Llama-style decoders), else none; mlp: those, or an
     # error; true: every layer (~0.5x peak memory, ~1.45x time); false: none
@@ -334,10 +339,9 @@ class FinetuneParams(LoopParams):
     @field_validator("method")
     @classmethod
     def _method_is_registered(cls, name: str) -> str:
-        from tunekit.methods import METHODS  # the registry imports this module; import it only when needed
-
-        if name not in METHODS:
-            raise ValueError(f"unknown fine-tuning method; valid: {', '.join(METHODS)}")
+        # The registry's names (tunekit.methods.METHODS), from the leaf module: validation imports no torch.
+        if name not in METHOD_NAMES:
+            raise ValueError(f"unknown fine-tuning method; valid: {', '.join(METHOD_NAMES)}")
         return name
 
     # Checked on the sub-section (not the whole section) so the error names finetune.peft / finetune.virtual;

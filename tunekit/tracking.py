@@ -249,3 +249,14 @@ def log_checkpoint(mlflow: Any, checkpoint_dir: Path, artifact_path: str) -> Non
         if "/" in registered:
             name, version = registered.rsplit("/", 1)
             client.update_model_version(name, version, description=card.read_text(encoding="utf-8"))
+
+
+def log_curves(mlflow: Any, curves: dict[str, list[dict[str, float]]]) -> None:
+    """A training run's curves as MLflow step metrics: train_loss and lr per step ("history"), val_loss
+    ("evals") and the forgetting curve's probe_loss ("probes") where recorded."""
+    for point in curves.get("history") or []:
+        mlflow.log_metrics({"train_loss": point["train_loss"], "lr": point["lr"]}, step=point["step"])
+    for point in curves.get("evals") or []:
+        mlflow.log_metric("val_loss", point["val_loss"], step=point["step"])
+    for point in curves.get("probes") or []:
+        mlflow.log_metric("probe_loss", point["probe_loss"], step=point["step"])
