@@ -40,6 +40,7 @@ pipeline: $(STAMP) check-bwrap
 	$(PY) -m flows.pipeline
 
 test: $(STAMP) check-bwrap
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 ui: $(STAMP)

@@ -26,9 +26,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tunekit.methods import method_for  # noqa: E402
-from tunekit.params import FinetuneParams  # noqa: E402
-from tunekit.train import TrainConfig, train  # noqa: E402
+from tunekit.methods import method_for
+from tunekit.params import FinetuneParams
+from tunekit.train import TrainConfig, train
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,

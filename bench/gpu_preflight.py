@@ -65,7 +65,7 @@ def check() -> dict:
         try:
             importlib.import_module(module)
             entry["imports"] = True
-        except Exception as exc:  # noqa: BLE001  any import failure (missing CUDA library, ABI) is the finding
+        except Exception as exc:
             entry["imports"] = False
             entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         packages[dist] = entry

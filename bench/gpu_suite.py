@@ -180,7 +180,7 @@ def tokenizer_source(requested: Path | None, work: Path) -> Path:
 
         try:
             gguf = embedded_gguf()
-        except Exception as exc:  # noqa: BLE001  the message names the package to install
+        except Exception as exc:
             raise SystemExit(f"no SmolLM2 tokenizer: {exc}. On the GPU machine carry the one "
                              "`python bench/gpu_preflight.py --prepare` saves into .whl/ (bench/GPU.md)") from exc
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(saved)
@@ -314,7 +314,7 @@ def child_generate(args) -> dict:
                             "tokens_per_s": sum(counts) / seconds,
                             "same_outputs": sum(a == b for a, b in zip(texts, reference))})
 
-    harness = lambda model: generate(model, tokenizer, prompts, eot, args.max_new_tokens, args.batch_size)  # noqa: E731
+    harness = lambda model: generate(model, tokenizer, prompts, eot, args.max_new_tokens, args.batch_size)
     for dtype in ("float32", "bfloat16"):  # the evaluate stage's float32, and bf16 weights as a lever
         model = load_causal_lm(Path(args.model), dtype=dtype, device=device).eval()
         with torch.no_grad():  # CUDA start-up and kernel selection out of the timings
@@ -341,7 +341,7 @@ def child_generate(args) -> dict:
             out["rows"].append({"label": "vLLM (float32)", "seconds": seconds, "new_tokens": new,
                                 "tokens_per_s": new / seconds,
                                 "same_outputs": sum(a == b for a, b in zip(texts, reference))})
-        except Exception as exc:  # noqa: BLE001  vLLM's failure is a finding, not the end of the run
+        except Exception as exc:
             out["vllm"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
     return out
 
@@ -582,13 +582,13 @@ def main(argv: list[str] | None = None) -> None:
                              precision=args.precision if args.device == "cuda" else "fp32")
     report: dict = {
         "command": "python bench/gpu_suite.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "device": args.device, "precision": args.precision,
         **({"gpu": torch.cuda.get_device_name(0)} if args.device == "cuda" else {}),
         "peak_label": (f"{args.precision} matmul peak (8192^3, best of 5)" if args.device == "cuda"
                        else "fp32 matmul peak (2048^3, best of 5)"),
         "matmul_peak_tflops": peak / 1e12, "preflight": checked, "tiny": args.tiny,
-        "sizes": {k: v for k, v in dataclasses.asdict(sizes).items()}, "budget_seconds": args.budget,
+        "sizes": dict(dataclasses.asdict(sizes).items()), "budget_seconds": args.budget,
         "targets": TARGETS, "parts": {}, "skipped": [], "complete": False}
     print(f"matmul peak {peak / 1e12:.3g} TFLOP/s; budget {args.budget:.0f} s", flush=True)
     out = args.out or (Path(tempfile.gettempdir()) / "tunekit-gpu-suite-tiny" if args.tiny else RESULTS)
@@ -667,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"qlora: {q['real_tokens_per_s']:.0f} real tok/s, "
                           + (f"peak {q['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in q else "no GPU memory on the CPU"),
                           flush=True)
-                except Exception as exc:  # noqa: BLE001  a failed part is reported; the next part still runs
+                except Exception as exc:
                     part["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
                     print(f"qlora: {part['error']}", flush=True)
                 shutil.rmtree(work / "llama-8b", ignore_errors=True)
@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
                     for r in part["result"]["rows"]:
                         print(f"generate: {r['label']}: {r['tokens_per_s']:.0f} tok/s, same outputs "
                               f"{r.get('same_outputs')}/{part['result']['prompts']}", flush=True)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     part["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
                     print(f"generate: {part['error']}", flush=True)
             save(report, out, started)

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     record = {
         "command": "python bench/sandbox_overhead.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "bwrap": bwrap_version(), "root": os.geteuid() == 0,
                     "load_average_before": [round(x, 2) for x in load_before],

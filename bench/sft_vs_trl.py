@@ -335,7 +335,7 @@ def child_ours(args, train_rows, val_rows) -> dict:
     losses = [h["train_loss"] for h in state.history]
     tokens = [h["tokens"] for h in state.history]
     return {"seconds": seconds, "steps": state.step, "final_train_loss": losses[-1],
-            "mean_train_loss": sum(l * t for l, t in zip(losses, tokens)) / max(sum(tokens), 1), "val_loss": val,
+            "mean_train_loss": sum(loss * t for loss, t in zip(losses, tokens)) / max(sum(tokens), 1), "val_loss": val,
             "flops": epoch_flops(train_rows, flops_model(model))}
 
 
@@ -501,7 +501,7 @@ def last_pipeline_seconds() -> dict:
         return {"status": f"not available: {exc}"}
     if not row:
         return {"status": "not available: no finished pipeline run in mlflow.db"}
-    ended = datetime.datetime.fromtimestamp(row[1] / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
+    ended = datetime.datetime.fromtimestamp(row[1] / 1000, datetime.UTC).isoformat(timespec="seconds")
     return {"status": "read from mlflow.db", "seconds": (row[1] - row[0]) / 1000, "ended": ended, "run_name": row[2]}
 
 
@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> None:
             pass
     report = {
         "command": "python bench/sft_vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "threads": args.threads, "reps": reps, "load_before": load_before, "load_after": _load(),
         "device": args.device, "precision": args.precision, "matmul_size": matmul_size,

@@ -23,13 +23,13 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
-from prefect.states import Failed, State  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE as NO_CACHE
+from prefect.states import Failed, State
 
-from tunekit.io import git_commit  # noqa: E402
-from tunekit.params import ParamsError, ProjectParams, flatten, load_all  # noqa: E402
-from tunekit.tracking import PARENT_RUN_ENV, log_metrics, process_tags, setup_mlflow  # noqa: E402
+from tunekit.io import git_commit
+from tunekit.params import ParamsError, ProjectParams, flatten, load_all
+from tunekit.tracking import PARENT_RUN_ENV, log_metrics, process_tags, setup_mlflow
 
 STAGES = ("demo", "base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting", "export")
 LOCK_MESSAGE = "Unable to acquire lock"  # DVC's repository lock (.dvc/tmp/lock)

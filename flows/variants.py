@@ -28,11 +28,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NONE as NO_CACHE  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE as NO_CACHE
 
-from tunekit.params import flatten  # noqa: E402
-from tunekit.tracking import tracking_uri  # noqa: E402
+from tunekit.params import flatten
+from tunekit.tracking import tracking_uri
 
 
 class VariantsFailed(RuntimeError):

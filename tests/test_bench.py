@@ -4,7 +4,6 @@ Speed is never asserted here (the benchmark measures it side by side); these tes
 pieces working on a tiny model so it cannot rot, and prove the levers do not change what is trained.
 """
 
-import copy
 import importlib.util
 import json
 import sys

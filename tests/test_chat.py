@@ -134,14 +134,14 @@ def test_default_template_trains_end_of_turn_token_equal_to_pad_and_eos(smollm2_
     assert im_end == smollm2_tokenizer.pad_token_id == smollm2_tokenizer.eos_token_id
     encoded = encode(MULTI_TURN, smollm2_tokenizer, "model")
     assert encoded.labels.count(im_end) == 3  # one per assistant turn, none elsewhere
-    for s, e in trained_runs(encoded.labels):
+    for _s, e in trained_runs(encoded.labels):
         assert encoded.labels[e - 1] == im_end
 
 
 @pytest.mark.parametrize("spec,eot", TEMPLATES)
 def test_truncation_inside_last_assistant_turn(smollm2_tokenizer, spec, eot):
     full = encode(MULTI_TURN, smollm2_tokenizer, spec)
-    last_start, last_end = trained_runs(full.labels)[-1]
+    _last_start, last_end = trained_runs(full.labels)[-1]
     max_length = last_end - 1  # drops the end-of-turn marker's last token
     cut = encode(MULTI_TURN, smollm2_tokenizer, spec, max_length=max_length)
     assert cut.truncated and not cut.eot_trained

@@ -33,7 +33,7 @@ def test_pydoc_probe_is_deterministic_general_prose():
 
 def test_user_probe_files_txt_and_jsonl(tmp_path):
     txt = tmp_path / "probe.txt"
-    txt.write_bytes("First paragraph,\nstill the first.\r\n\r\nSecond one.\n  \nThird.\n\n\n".encode())
+    txt.write_bytes(b"First paragraph,\nstill the first.\r\n\r\nSecond one.\n  \nThird.\n\n\n")
     probe = load_probe(str(txt), 10)
     assert sorted(probe.passages) == ["First paragraph,\nstill the first.", "Second one.", "Third."]
     assert probe.source == str(txt) and probe.available == 3

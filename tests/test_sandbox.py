@@ -573,7 +573,7 @@ def test_the_sandbox_dies_with_the_process_that_started_it():
         assert len(sandboxed) >= 2, sandboxed  # bwrap and what runs inside it
         parent.send_signal(signal.SIGKILL)
         parent.wait()
-        gone, alive = psutil.wait_procs(sandboxed, timeout=10)
+        _gone, alive = psutil.wait_procs(sandboxed, timeout=10)
         assert alive == [], alive
     finally:
         if parent.poll() is None:

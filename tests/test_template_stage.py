@@ -59,8 +59,8 @@ def test_packing_fills_rows_and_keeps_every_trained_token(tiny_model_dir, ingest
         assert len(row["input_ids"]) <= 512 and sum(row["seq_lens"]) == len(row["input_ids"])
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert len(starts) == len(row["seq_lens"])
-    trained_unpacked = sum(sum(l != IGNORE_INDEX for l in r["labels"]) for r in read_jsonl(tmp_path / "a/train.jsonl"))
-    trained_packed = sum(sum(l != IGNORE_INDEX for l in r["labels"]) for r in rows)
+    trained_unpacked = sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in read_jsonl(tmp_path / "a/train.jsonl"))
+    trained_packed = sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in rows)
     assert trained_packed == trained_unpacked  # the first token of a conversation is never trained anyway
     # Held-out splits are never packed: evaluation scores one conversation at a time.
     assert "position_ids" not in json.loads((tmp_path / "b/test.jsonl").read_text().splitlines()[0])

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+import itertools
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers' loss) skips
 
@@ -277,7 +278,7 @@ def _tokenize_at_edges(full_text: str, spans: list[tuple[int, int]], tokenizer: 
 
 def _tokenize_pieces(full_text: str, cuts: list[int], tokenizer: Any) -> tuple[list[int], list[tuple[int, int]]]:
     bounds = [0, *cuts, len(full_text)]
-    pieces = [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if lo < hi]
+    pieces = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if lo < hi]
     # The backend (Rust) tokenizer directly: what `tokenizer(..., return_offsets_mapping=True)` runs,
     # without its per-call Python overhead, which was most of the stage's time.
     encodings = [tokenizer.backend_tokenizer.encode(full_text[lo:hi], add_special_tokens=False) for lo, hi in pieces]

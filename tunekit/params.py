@@ -50,7 +50,7 @@ class IngestParams(Section):
     test: float = Field(0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> "IngestParams":
+    def _fractions_leave_training_data(self) -> IngestParams:
         if self.validation + self.test >= 1:
             raise ValueError(
                 f"validation ({self.validation}) + test ({self.test}) must be < 1 so that some data is left to train on"
@@ -194,7 +194,7 @@ class TaskParams(Section):
                                  "task (task.tasks.<name>.class_weights) and keep task.class_weights null or balanced")
         return tasks
 
-    def subtask(self, name: str) -> "TaskParams":
+    def subtask(self, name: str) -> TaskParams:
         """One task of a multi-task run as the single-task params the task code takes: its own settings,
         else task.*'s (labels: its own or the train split's; class_weights never on a qa task)."""
         sub = self.tasks[name]
@@ -223,7 +223,7 @@ class IA3Params(Section):
     feedforward_modules: list[str] = ["down_proj"]
 
     @model_validator(mode="after")
-    def _feedforward_modules_are_targets(self) -> "IA3Params":
+    def _feedforward_modules_are_targets(self) -> IA3Params:
         if isinstance(self.target_modules, list):
             stray = [name for name in self.feedforward_modules if name not in self.target_modules]
             if stray:
@@ -243,7 +243,7 @@ class VirtualTokenParams(Section):
     init_text: str | None = None
 
     @model_validator(mode="after")
-    def _text_init_has_text(self) -> "VirtualTokenParams":
+    def _text_init_has_text(self) -> VirtualTokenParams:
         if self.init == "text" and not (self.init_text or "").strip():
             raise ValueError("init: text needs init_text (the words whose embeddings start the virtual tokens)")
         if self.init == "random" and self.init_text is not None:
@@ -264,7 +264,7 @@ class ReplayParams(Section):
     max_length: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
-    def _source_is_pydoc_or_a_text_file(self) -> "ReplayParams":
+    def _source_is_pydoc_or_a_text_file(self) -> ReplayParams:
         if self.source != "pydoc" and not self.source.endswith((".txt", ".jsonl")):
             raise ValueError(f"source {self.source!r} must be 'pydoc', a .txt file (passages separated by blank lines) "
                              "or a .jsonl file (one {\"text\": ...} per line)")
@@ -278,7 +278,7 @@ class ProbeParams(Section):
     max_length: int = Field(128, ge=2)
 
     @model_validator(mode="after")
-    def _source_is_pydoc_or_a_text_file(self) -> "ProbeParams":
+    def _source_is_pydoc_or_a_text_file(self) -> ProbeParams:
         if self.source != "pydoc" and not self.source.endswith((".txt", ".jsonl")):
             raise ValueError(f"source {self.source!r} must be 'pydoc', a .txt file or a .jsonl file")
         return self
@@ -377,7 +377,7 @@ class CodeTaskParams(Section):
     top_p: float = Field(0.95, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _enough_samples_for_every_k(self) -> "CodeTaskParams":
+    def _enough_samples_for_every_k(self) -> CodeTaskParams:
         if any(k < 1 for k in self.ks):
             raise ValueError(f"ks {self.ks} must all be >= 1")
         if self.samples < max(self.ks):
@@ -419,7 +419,7 @@ class EvaluateParams(Section):
         return stop
 
     @model_validator(mode="after")
-    def _sampling_for_several_samples(self) -> "EvaluateParams":
+    def _sampling_for_several_samples(self) -> EvaluateParams:
         if self.samples > 1 and not self.do_sample:
             raise ValueError(f"samples: {self.samples} with do_sample: false gives identical greedy samples; "
                              "set do_sample: true or samples: 1")
@@ -451,7 +451,7 @@ class ForgettingParams(Section):
     code: GeneralAbilityParams = GeneralAbilityParams()
 
     @model_validator(mode="after")
-    def _probe_is_pydoc_or_a_text_file(self) -> "ForgettingParams":
+    def _probe_is_pydoc_or_a_text_file(self) -> ForgettingParams:
         if self.probe != "pydoc" and not self.probe.endswith((".txt", ".jsonl")):
             raise ValueError(f"probe {self.probe!r} must be 'pydoc', a .txt file (passages separated by blank lines) "
                              "or a .jsonl file (one {\"text\": ...} per line)")

@@ -368,7 +368,7 @@ def bwrap_path() -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bwrap_version(path: str) -> tuple[int, ...]:
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -467,7 +467,7 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, *, c
     config = {
         "program": program, "nonce": nonce, "result_fd": result_w, "workdir": workdir,
         "uid": SANDBOX_UID, "gid": SANDBOX_GID, "host_namespaces": _host_namespaces(),
-        "cpu_seconds": int(math.ceil(cpu_seconds if cpu_seconds is not None else timeout + 1)),
+        "cpu_seconds": math.ceil(cpu_seconds if cpu_seconds is not None else timeout + 1),
         "memory_bytes": int(memory_mb) * 1024 * 1024, "fsize_bytes": int(fsize_mb) * 1024 * 1024,
         "disk_bytes": int(disk_mb) * 1024 * 1024, "max_open_files": _MAX_OPEN_FILES, "max_threads": _MAX_THREADS,
         "seccomp": _seccomp, "audit": _audit_hook,

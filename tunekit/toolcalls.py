@@ -125,7 +125,7 @@ def normalise_tool_calls(value: Any, where: str, tools: list[dict] | None) -> li
             except json.JSONDecodeError as exc:
                 raise ToolDataError("malformed_tool_arguments",
                                     f"{call_where}.function.arguments is not valid JSON ({exc.msg} at character "
-                                    f"{exc.pos + 1}); write the arguments as a JSON object or a string holding one")
+                                    f"{exc.pos + 1}); write the arguments as a JSON object or a string holding one") from None
             if not isinstance(arguments, dict):
                 raise ToolDataError("malformed_tool_arguments",
                                     f"{call_where}.function.arguments holds {_kind(arguments)}, not a JSON object; "
