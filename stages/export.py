@@ -65,7 +65,8 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def why_no_gguf(params: ExportParams, source: Path, merged: bool, meta: dict) -> str | None:
     """Why this checkpoint gets no GGUF files, or None when it does."""
-    task = (meta.get("task") or {}).get("type", "sft")
+    task = meta.get("task") or "sft"
+    task = task.get("type", "sft") if isinstance(task, dict) else task
     if not params.gguf:
         return "export.gguf is empty"
     if task != "sft":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import json
 import logging
 from collections import Counter
@@ -369,11 +370,14 @@ def export_gguf(model_dir: Path, out_dir: Path, precisions: list[str], chat_temp
     results: dict[str, dict] = {}
     for precision in precisions:
         path = out_dir / f"model-{precision}.gguf"
+        started = time.perf_counter()
         info = write_gguf(model, tokenizer, model_dir, path, precision, chat_template, name)
+        written = time.perf_counter()
         figures = verify_gguf(path, reference, batch, None if precision in UNQUANTISED else probe)
         if not results:  # the tokenizer and template are the same in every file: checked once
             figures["tokenizer_round_trip"] = tokenizer_round_trip(path, tokenizer, texts)
             figures["chat_template_embedded"] = int(gguf_chat_template(path) == chat_template)
+        figures.update(write_seconds=written - started, check_seconds=time.perf_counter() - written)
         log.info("%s: %.1f MB, %s", path.name, info["bytes"] / 1e6, figures)
         results[precision] = {**info, **figures}
     return results
