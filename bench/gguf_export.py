@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as out:
         results = export_gguf(args.model, Path(out), args.precisions, chat_template, rows, probe, "bench")
     seconds = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime  # what the run cost in CPU, whatever else shared the cores
     report = {"model": args.name, "precisions": args.precisions, "seconds_total": round(seconds, 1),
+              "cpu_seconds_total": round(cpu, 1), "load_average_1min": round(os.getloadavg()[0], 1),
               "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
               "check_examples": export.check_examples, "probe_passages": forgetting.probe_passages,
               "files": {p: {k: v for k, v in r.items() if k not in ("special_tokens", "tensor_types")} | {
@@ -55,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     columns = ("bytes", "max_logit_difference", "mean_kl", "max_kl", "top1_agreement", "perplexity_change")
-    lines = [f"# GGUF export of {args.name}: {seconds:.0f} s for {', '.join(args.precisions)} "
-             f"(write + transformers read-back + checks, {report['threads']} threads)", "",
+    lines = [f"# GGUF export of {args.name}: {seconds:.0f} s wall, {cpu:.0f} CPU-s for {', '.join(args.precisions)}", "",
+             f"Write + transformers read-back + checks, {report['threads']} threads, load average "
+             f"{report['load_average_1min']} while it ran (CPU-s counts the whole process, model loading included).", "",
              "| file | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for r in results.values():
         lines.append(f"| {r['file']} | " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))

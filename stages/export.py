@@ -67,8 +67,8 @@ def why_no_gguf(params: ExportParams, source: Path, merged: bool, meta: dict) ->
     """Why this checkpoint gets no GGUF files, or None when it does."""
     task = meta.get("task") or "sft"
     task = task.get("type", "sft") if isinstance(task, dict) else task
-    if not params.gguf:
-        return "export.gguf is empty"
+    if not params.write_gguf or not params.gguf:
+        return "export.write_gguf is false" if not params.write_gguf else "export.gguf is empty"
     if task != "sft":
         return (f"a {task} model is an encoder with a task head; GGUF runtimes (llama.cpp, Ollama) serve causal "
                 "language models. Serve it with tunekit.heads.load_task_model")

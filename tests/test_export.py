@@ -162,7 +162,7 @@ def pipeline(base_dir, data_dir, tmp_path_factory) -> dict:
 
 
 def export_run(pipeline, data_dir, out, finetune_dir=None, merged_dir=None, **params) -> dict:
-    return export.run(ExportParams(**params), TemplateParams(), FORGETTING, finetune_dir or pipeline["adapter"],
+    return export.run(ExportParams(**{"write_gguf": True, **params}), TemplateParams(), FORGETTING, finetune_dir or pipeline["adapter"],
                       merged_dir or pipeline["merged"], pipeline["metrics_dir"], data_dir, pipeline["ingested"], out)
 
 

@@ -90,7 +90,7 @@ def architecture_of(model: torch.nn.Module) -> Architecture:
     if arch is None:
         raise ExportRefused(f"GGUF export supports {supported()}; this checkpoint is a {name} "
                             f"({config.model_type}). Convert it with llama.cpp's convert_hf_to_gguf.py, or set "
-                            "export.gguf: {} to export without GGUF files")
+                            "export.write_gguf: false to export without GGUF files")
     rope = rope_parameters(config)
     if rope["rope_type"] not in ("default", None):
         raise ExportRefused(f"rope scaling {rope['rope_type']!r} is not written by this exporter (llama.cpp needs "
