@@ -4,8 +4,9 @@
         --metrics metrics/merge.json
 
 The merged checkpoint loads with plain `transformers` (no peft). It is also logged to the stage's
-MLflow run as a transformers model and registered as a new version of `merge.registered_model`, with
-the alias `candidate` (skip with `registered_model: null`). Before it is accepted, its logits
+MLflow run as a transformers model and registered as a new version of `merge.registered_model`, tagged with the
+checkpoint's hash (skip with `registered_model: null`); the export stage points the alias `candidate` at
+it once the model passed its quality gates (tunekit/registry.py). Before it is accepted, its logits
 on held-out conversations are compared with the adapter model's; the stage fails if they differ by
 more than `merge.atol`.
 
@@ -35,6 +36,7 @@ from tunekit.io import NOT_MERGED, atomic_dir, read_meta, write_json, write_meta
 from tunekit.methods import method_of_checkpoint
 from tunekit.models import load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import MergeParams, ProjectParams, load_section
+from tunekit.registry import HASH_TAG
 from tunekit.tasks import task_of
 from tunekit.tracking import configure_logging, data_tags, log_checkpoint, log_datasets, log_metrics, stage_run
 
@@ -99,13 +101,11 @@ def log_task_model(mlflow, model_dir: Path) -> None:
     mlflow.log_artifacts(str(model_dir), artifact_path="task_model")
 
 
-REGISTRY_ALIAS = "candidate"
-
-
 def register_merged(mlflow, model_dir: Path, name: str) -> str:
     """Log the merged checkpoint to the active run as an MLflow transformers model (text-generation
-    pipeline), register it as a new version of `name` and point the alias `candidate` at it.
-    Returns the version. Loads back offline with `mlflow.transformers.load_model("models:/<name>@candidate")`.
+    pipeline) and register it as a new version of `name`, tagged with the checkpoint's hash so that the
+    export stage can make it the `candidate` after the gates (tunekit.registry.promote_candidate).
+    Returns the version. Loads back offline with `mlflow.transformers.load_model("models:/<name>/<version>")`.
 
     The checkpoint is loaded from its absolute path: MLflow looks up a model card for the model's
     `name_or_path`, and a path is no valid hub id, so that look-up fails at once instead of asking the
@@ -124,12 +124,12 @@ def register_merged(mlflow, model_dir: Path, name: str) -> str:
                                          pip_requirements=requirements, await_registration_for=60)
     registered = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    client.set_registered_model_alias(name, REGISTRY_ALIAS, registered)
     meta = read_meta(model_dir) or {}
-    for key, value in {"dvc.stage": "merge", "method": meta.get("method"), "checkpoint": str(model_dir)}.items():
+    for key, value in {"dvc.stage": "merge", "method": meta.get("method"), "checkpoint": str(model_dir),
+                       HASH_TAG: meta.get("hash")}.items():
         if value:
             client.set_model_version_tag(name, registered, key, str(value))
-    log.info("registered %s version %s (alias %r) from %s", name, registered, REGISTRY_ALIAS, model_dir)
+    log.info("registered %s version %s from %s", name, registered, model_dir)
     return registered
 
 

@@ -5,7 +5,10 @@ A tiny Llama (wide enough for bitsandbytes' 4-bit layers) is trained with the fi
 - the drift the merge stage reports between the QLoRA model as trained (adapter on the 4-bit NF4 base)
   and the merged full-precision checkpoint is recomputed here independently and must match;
 - both checkpoints carry a README.md card with method, params, data hashes, metrics, lineage and how to
-  load them, and merging the same adapter twice writes byte-identical cards (reproducible DVC outputs).
+  load them, and merging the same adapter twice writes byte-identical cards (reproducible DVC outputs);
+- the export stage ships the merged weights with GGUF files checked against them, an Ollama Modelfile and
+  the complete card; the default quality gates stop the tiny model (it learned nothing in 4 steps) and
+  publish nothing, unless forced; a method that cannot merge ships its adapter and says why no GGUF.
 """
 
 from pathlib import Path
@@ -20,7 +23,7 @@ from tunekit.card import CARD_FILE, render_card
 from tunekit.chat import encode_conversation, resolve_chat_template
 from tunekit.io import read_jsonl, read_meta, write_json, write_jsonl
 from tunekit.methods import load_tuned
-from tunekit.params import EvaluateParams, FinetuneParams, ForgettingParams, MergeParams, TemplateParams
+from tunekit.params import EvaluateParams, ExportParams, FinetuneParams, ForgettingParams, MergeParams, TemplateParams
 from tunekit.train import collate
 
 torch.set_num_threads(1)
@@ -130,52 +133,105 @@ def test_cards_beside_both_checkpoints_are_complete_and_reproducible(base_dir, d
     assert "| `merged.exact_match` | 0.5 |" in full and "| `merged.relative_loss_change` | 0.049 |" in full
 
 
-def test_export_ships_the_merged_weights_with_evaluation_and_forgetting_in_the_card(base_dir, data_dir, tmp_path):
-    adapter_dir, finetune_metrics = tuned("lora", base_dir, data_dir, tmp_path)
-    merged_dir = tmp_path / "merged"
+FORGETTING = ForgettingParams(probe_passages=8, max_length=32, batch_size=8)
+F16_ONLY = {"f16": {"max_logit_difference": 0.05}}
+
+
+@pytest.fixture(scope="module")
+def pipeline(base_dir, data_dir, tmp_path_factory) -> dict:
+    """A tiny LoRA run through finetune, merge, evaluate and forgetting, with every stage's metrics file."""
+    root = tmp_path_factory.mktemp("pipeline")
+    adapter_dir, finetune_metrics = tuned("lora", base_dir, data_dir, root)
+    merged_dir = root / "merged"
     metrics = {"finetune": finetune_metrics, "merge": merge.run(MergeParams(atol=1e-4), adapter_dir, data_dir, merged_dir)}
-    ingested = tmp_path / "ingested"  # the evaluate stage scores generations against the ingested conversations
+    ingested = root / "ingested"  # the evaluate stage scores generations against the ingested conversations
     ingested.mkdir()
-    write_jsonl(ingested / "test.jsonl", [{"id": str(i), "messages": [{"role": "user", "content": q},
-                                                                      {"role": "assistant", "content": a}]}
-                                          for i, (q, a) in enumerate(CONVERSATIONS)])
+    for split in ("train", "test"):
+        write_jsonl(ingested / f"{split}.jsonl", [{"id": str(i), "messages": [{"role": "user", "content": q},
+                                                                              {"role": "assistant", "content": a}]}
+                                                  for i, (q, a) in enumerate(CONVERSATIONS)])
     metrics["evaluate"] = evaluate.run(EvaluateParams(max_new_tokens=4, metrics=["exact_match"], few_shot=None),
-                                       TemplateParams(), adapter_dir, ingested, data_dir, tmp_path / "report",
+                                       TemplateParams(), adapter_dir, ingested, data_dir, root / "report",
                                        merged_dir=merged_dir)
-    metrics["forgetting"] = forgetting.run(ForgettingParams(probe_passages=8, max_length=32, batch_size=8), adapter_dir,
-                                           merged_dir, tmp_path / "forgetting", tmp_path / "cache")
-    metrics_dir = tmp_path / "metrics"
+    metrics["forgetting"] = forgetting.run(FORGETTING, adapter_dir, merged_dir, root / "forgetting", root / "cache")
+    metrics_dir = root / "metrics"
     metrics_dir.mkdir()
     for stage, values in metrics.items():
         write_json(metrics_dir / f"{stage}.json", values)
+    return {"adapter": adapter_dir, "merged": merged_dir, "ingested": ingested, "metrics_dir": metrics_dir, "metrics": metrics}
 
+
+def export_run(pipeline, data_dir, out, finetune_dir=None, merged_dir=None, **params) -> dict:
+    return export.run(ExportParams(**{"write_gguf": True, **params}), TemplateParams(), FORGETTING, finetune_dir or pipeline["adapter"],
+                      merged_dir or pipeline["merged"], pipeline["metrics_dir"], data_dir, pipeline["ingested"], out)
+
+
+def test_export_ships_the_merged_weights_gguf_files_and_modelfile_with_everything_in_the_card(pipeline, data_dir, tmp_path):
+    metrics, merged_dir = pipeline["metrics"], pipeline["merged"]
     out = tmp_path / "export"
-    result = export.run(adapter_dir, merged_dir, metrics_dir, out)
-    assert result["merged"] and result["source"] == str(merged_dir)
+    # The tiny model learned nothing: gate it on the GGUF files alone here (the default gates: next test).
+    result = export_run(pipeline, data_dir, out, gates={})
+    assert result["merged"] and result["source"] == str(merged_dir) and result["passed"] and not result["forced"]
     assert result["card_sections"] == ["evaluate", "finetune", "forgetting", "merge"]
     shipped = sorted(p.name for p in out.iterdir())
-    assert shipped == sorted(p.name for p in merged_dir.iterdir())  # every file, README.md replaced
+    assert shipped == sorted([p.name for p in merged_dir.iterdir()] + ["model-f16.gguf", "model-q8_0.gguf", "Modelfile"])
     assert (out / "model.safetensors").stat().st_ino == (merged_dir / "model.safetensors").stat().st_ino  # linked
+    f16, q8 = result["gguf"]["f16"], result["gguf"]["q8_0"]
+    assert f16["max_logit_difference"] <= 0.05 and q8["mean_kl"] <= 0.01 and abs(q8["perplexity_change"]) <= 0.02
+    assert {g["gate"] for g in result["gates"]} == {"gguf_f16_logits", "gguf_q8_0_kl", "gguf_q8_0_perplexity",
+                                                     "gguf_tokenizer", "gguf_chat_template"}
+    assert result["modelfile"] == {"from": "model-q8_0.gguf", "template": "chatml",
+                                   "system": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}
+    assert (out / "Modelfile").read_text().startswith("FROM ./model-q8_0.gguf\n\nTEMPLATE \"\"\"{{- if .System }}<|im_start|>system")
+
     card = (out / CARD_FILE).read_text()
     assert card != (merged_dir / CARD_FILE).read_text() and "Scored downstream" not in card
     for expected in (f"| `tuned.exact_match` | {metrics['evaluate']['tuned']['exact_match']:.4g} |",
                      f"| `merged.loss` | {metrics['forgetting']['merged']['loss']:.4g} |",
                      f"| `max_logit_difference` | {metrics['merge']['max_logit_difference']:.4g} |",
-                     "# Model card: merge checkpoint (lora, merged checkpoint", "AutoModelForCausalLM.from_pretrained"):
+                     "# Model card: merge checkpoint (lora, merged checkpoint", "AutoModelForCausalLM.from_pretrained",
+                     "## Quality gates", "| gguf_q8_0_kl | `gguf.q8_0.mean_kl <= 0.01` |", "## GGUF files",
+                     f"| `model-q8_0.gguf` | {q8['bytes']} |", "ollama create my-model -f Modelfile"):
         assert expected in card, expected
     batch = collate(list(read_jsonl(data_dir / "test.jsonl")), 0)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out, use_safetensors=True), batch),
                                logits(AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True), batch))
 
-    # A method that cannot merge: the adapter itself is exported, and the card says how to serve it.
+    with pytest.raises(SystemExit, match="meta.json is missing"):
+        export_run(pipeline, data_dir, tmp_path / "export-none", finetune_dir=tmp_path / "nowhere",
+                   merged_dir=tmp_path / "nowhere")
+    assert not (tmp_path / "export-none").exists()
+
+
+def test_a_model_that_did_not_learn_is_stopped_by_the_default_gates_unless_forced(pipeline, data_dir, tmp_path):
+    assert pipeline["metrics"]["evaluate"]["merged"]["exact_match"] == pipeline["metrics"]["evaluate"]["base"]["exact_match"]
+    out = tmp_path / "export"
+    (out / "stale").mkdir(parents=True)  # an earlier model's export must not stay behind as if it were this one
+    with pytest.raises(export.GatesFailed) as failed:
+        export_run(pipeline, data_dir, out, gguf=F16_ONLY, modelfile_from=None)
+    assert not out.exists() and not list(tmp_path.glob(".export.tmp-*"))
+    message = str(failed.value)
+    assert "learned: evaluate.merged.exact_match >= evaluate.base.exact_match + 0.2: 0 >= 0.2 is false" in message
+    assert "beats_few_shot" in message and "not measured (no evaluate.few_shot.exact_match" in message  # few-shot was off
+    assert "forgetting:" not in message and "gguf_f16_logits" not in message  # those passed
+    result = failed.value.result
+    assert not result["passed"] and result["gguf"]["f16"]["max_logit_difference"] <= 0.05  # figures kept for the metrics
+
+    forced = export_run(pipeline, data_dir, out, gguf=F16_ONLY, modelfile_from=None, force=True)
+    assert forced["forced"] and not forced["passed"] and (out / "model-f16.gguf").is_file()
+    assert "**Exported with `export.force: true` although gates failed.**" in (out / CARD_FILE).read_text()
+
+
+def test_a_method_that_cannot_merge_ships_its_adapter_and_says_why_there_is_no_gguf(pipeline, base_dir, data_dir, tmp_path):
     bottleneck_dir, _ = tuned("adapter", base_dir, data_dir, tmp_path)
     refused = tmp_path / "refused"
     merge.run(MergeParams(), bottleneck_dir, data_dir, refused)
-    result = export.run(bottleneck_dir, refused, metrics_dir, tmp_path / "export-adapter")
+    result = export_run(pipeline, data_dir, tmp_path / "export-adapter", finetune_dir=bottleneck_dir, merged_dir=refused,
+                        gates={})
     assert not result["merged"] and result["source"] == str(bottleneck_dir) and "merge" not in result["card_sections"]
+    assert result["shipped"] == "tuned" and "gguf" not in result
+    assert "method 'adapter' is not merged" in result["gguf_skipped"] and "LoRA adapters only" in result["gguf_skipped"]
     card = (tmp_path / "export-adapter" / CARD_FILE).read_text()
     assert "(adapter, adapter)" in card and "load_tuned" in card and "## Merge check" not in card
-
-    with pytest.raises(SystemExit, match="meta.json is missing"):
-        export.run(tmp_path / "nowhere", None, metrics_dir, tmp_path / "export-none")
-    assert not (tmp_path / "export-none").exists()
+    assert "No GGUF files: method 'adapter' is not merged" in card
+    assert not list((tmp_path / "export-adapter").glob("*.gguf"))

@@ -1,5 +1,6 @@
-"""The merge stage registers the merged model in MLflow's model registry, and the registered version
-loads back offline (no hub, no network) with the same logits and greedy generation as the checkpoint."""
+"""The merge stage registers the merged model in MLflow's model registry; the export stage's gates decide
+whether it becomes the `candidate` (tunekit/registry.py), and the candidate loads back offline (no hub,
+no network) with the same logits and greedy generation as the checkpoint."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
 from stages import merge
 from tests.conftest import REPO
+from tunekit.io import read_meta
+from tunekit.registry import HASH_TAG, promote_candidate
 from tests.test_merge import adapter_and_data  # noqa: F401  (fixture: a tiny LoRA adapter + tokenized data)
 
 # Runs in a fresh process with the hub switched off and every non-loopback connection refused, so a
@@ -42,7 +46,7 @@ print("TASK", pipe.task)
 """
 
 
-def test_merge_registers_a_version_with_the_candidate_alias_that_loads_back_offline(adapter_and_data, tmp_path, monkeypatch):  # noqa: F811
+def test_merge_registers_a_version_that_export_makes_the_candidate_and_that_loads_back_offline(adapter_and_data, tmp_path, monkeypatch):  # noqa: F811
     adapter, data, _ = adapter_and_data
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["project"]["experiment"] = "registry"
@@ -58,9 +62,17 @@ def test_merge_registers_a_version_with_the_candidate_alias_that_loads_back_offl
 
     from mlflow import MlflowClient
 
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient(tracking_uri=uri)
+    with pytest.raises(MlflowException):  # not before the export stage's gates passed
+        client.get_model_version_by_alias("tiny-merged", "candidate")
+    checkpoint_hash = read_meta(out)["hash"]
+    assert client.get_model_version("tiny-merged", "1").tags[HASH_TAG] == checkpoint_hash
+    assert promote_candidate(client, "tiny-merged", "no-such-hash") is None
+    assert promote_candidate(client, "tiny-merged", checkpoint_hash) == "1"
     version = client.get_model_version_by_alias("tiny-merged", "candidate")
-    assert str(version.version) == "1" and version.status == "READY"
+    assert str(version.version) == "1" and version.status == "READY" and version.tags["export.gates"] == "passed"
     run = client.get_run(version.run_id)
     assert run.info.run_name == "merge" and run.data.tags["registered_model"] == "tiny-merged/1"
     assert version.tags["dvc.stage"] == "merge"

@@ -118,6 +118,39 @@ def _base_description(root: dict[str, Any]) -> tuple[str, str | None]:
     return f"`{root.get('path')}` (hash `{str(root.get('hash') or '')[:16]}`)", None
 
 
+GGUF_COLUMNS = ("bytes", "max_logit_difference", "mean_kl", "top1_agreement", "perplexity_change",
+                "tokenizer_round_trip", "chat_template_embedded")
+
+
+def _export_sections(export: dict[str, Any]) -> list[str]:
+    """Quality gates, GGUF files and their read-back figures, and how to run them locally."""
+    from tunekit.gates import markdown
+
+    out = ["## Quality gates", "", "Checked by the `export` stage before anything was published (`export.gates`, and "
+           "the GGUF files' bounds in `export.gguf`):", "", markdown(export.get("gates") or [], export.get("forced", False))]
+    files = export.get("gguf") or {}
+    out += ["## GGUF files", ""]
+    if not files:
+        return out + [f"No GGUF files: {export.get('gguf_skipped') or 'export.gguf is empty'}", ""]
+    out += ["Written with the `gguf` package and read back with transformers' GGUF loader, compared with this "
+            "checkpoint on held-out conversations (logits; KL of next-token distributions) and, for quantised "
+            "files, on the forgetting probe (perplexity change):", "",
+            "| file | " + " | ".join(GGUF_COLUMNS) + " |", "|---" * (len(GGUF_COLUMNS) + 1) + "|"]
+    for figures in files.values():
+        out.append(f"| `{figures['file']}` | " + " | ".join(_number(figures[c]) if c in figures else "-"
+                                                             for c in GGUF_COLUMNS) + " |")
+    modelfile = export.get("modelfile") or {}
+    first = next(iter(files.values()))["file"]
+    commands = [f"llama-server -m {first}  # OpenAI-compatible chat on :8080"]
+    if modelfile.get("from"):
+        commands.append("ollama create my-model -f Modelfile && ollama run my-model")
+    out += ["", "Run it locally (docs/export.md):", "", "```sh", *commands, "```", ""]
+    if modelfile:
+        out += [f"Ollama Modelfile: FROM `{modelfile.get('from')}`, template `{modelfile.get('template') or 'none (not mapped)'}`"
+                f", system prompt {'set' if modelfile.get('system') else 'none'}.", ""]
+    return out
+
+
 def _table(rows: dict[str, Any]) -> str:
     if not rows:
         return "_none recorded_\n"
@@ -193,6 +226,9 @@ def render_card(checkpoint_dir: Path, metrics: dict[str, Any] | None = None) -> 
     out += [_table(stable_metrics(forgetting))] if forgetting else [
         "Loss on general text (a probe outside the task) before and after tuning is measured downstream by the "
         "`forgetting` stage: `metrics/forgetting.json`, `reports/forgetting/report.md`.", ""]
+    export = metrics.pop("export", None)
+    if export:
+        out += _export_sections(export)
     for stage in sorted(metrics):
         out += [f"## Metrics: {stage}", "", _table(stable_metrics(metrics[stage]))]
 

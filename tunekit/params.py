@@ -458,6 +458,65 @@ class ForgettingParams(Section):
         return self
 
 
+# GGUF precisions the installed gguf package writes in numpy (no K-quants: llama.cpp's llama-quantize makes those).
+GGUF_PRECISIONS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+GGUF_UNQUANTISED = ("f32", "f16", "bf16")
+
+
+class GGUFFileParams(Section):
+    """The bounds one GGUF file's read-back must meet against the checkpoint it was written from."""
+    max_logit_difference: float | None = Field(None, gt=0)   # f32/f16/bf16: largest |logit| difference
+    max_kl: float | None = Field(None, gt=0)                 # quantised: mean next-token KL(checkpoint || file)
+    max_perplexity_change: float | None = Field(None, gt=0)  # quantised: relative perplexity increase on the probe
+
+
+class ExportParams(Section):
+    write_gguf: bool = False  # off by default: minutes on the demo (docs/export.md), over the minute a default may cost
+    gguf: dict[str, GGUFFileParams] = {"f16": GGUFFileParams(max_logit_difference=0.25),
+                                       "q8_0": GGUFFileParams(max_kl=0.01, max_perplexity_change=0.02)}
+    modelfile_from: str | None = "q8_0"
+    check_examples: int = Field(8, gt=0)
+    gates: dict[str, str] | None = None  # None: the task kind's own (tunekit/tasks/<kind>.py)
+    force: bool = False
+
+    @field_validator("gguf")
+    @classmethod
+    def _known_precisions_with_their_bounds(cls, files: dict[str, GGUFFileParams]) -> dict[str, GGUFFileParams]:
+        problems = []
+        for precision, bounds in files.items():
+            if precision not in GGUF_PRECISIONS:
+                problems.append(f"{precision!r} is no precision the gguf package writes ({', '.join(GGUF_PRECISIONS)})")
+            elif precision in GGUF_UNQUANTISED and bounds.max_logit_difference is None:
+                problems.append(f"{precision} needs max_logit_difference (e.g. 0.05)")
+            elif precision not in GGUF_UNQUANTISED and (bounds.max_kl is None or bounds.max_perplexity_change is None):
+                problems.append(f"{precision} needs max_kl and max_perplexity_change (e.g. 0.01 and 0.02 for q8_0)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return files
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_parse(cls, gates: dict[str, str] | None) -> dict[str, str] | None:
+        from tunekit.gates import GateError, Gate
+
+        problems = []
+        for name, expression in (gates or {}).items():
+            try:
+                Gate.parse(name, expression)
+            except GateError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return gates
+
+    @model_validator(mode="after")
+    def _modelfile_names_a_file(self) -> ExportParams:
+        if self.modelfile_from is not None and self.gguf and self.modelfile_from not in self.gguf:
+            raise ValueError(f"modelfile_from {self.modelfile_from!r} is not one of the GGUF files ({', '.join(self.gguf)}); "
+                             "name one of them or null for no Modelfile")
+        return self
+
+
 class DaptParams(LoopParams):
     """Domain-adaptive continued pretraining on raw text (stage `dapt`)."""
     enabled: bool = False
@@ -488,6 +547,7 @@ SECTIONS: dict[str, type[Section]] = {
     "evaluate": EvaluateParams,
     "merge": MergeParams,
     "forgetting": ForgettingParams,
+    "export": ExportParams,
 }
 
 S = TypeVar("S", bound=Section)

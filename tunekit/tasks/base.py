@@ -73,11 +73,26 @@ class Task:
     # {model: metrics} as one flat row per model (the MLflow table, the log)
     flat_results: Callable[[dict[str, dict]], dict[str, dict]]
     card: Callable[[dict[str, Any]], CardFacts]  # meta.json "task" -> facts
+    # export: the quality gates used when `export.gates` is null (tunekit/gates.py syntax): meta.json "task" ->
+    # {name: expression}. Each passes on the kind's demo data and fails a model that learned nothing.
+    gates: Callable[[dict[str, Any]], dict[str, str]]
     # Whether general text (replay, the forgetting curve, the forgetting stage) means anything for this
     # kind: None when it does, else why not.
     no_general_text: str | None = None
+    # Whether the export stage writes GGUF files for this kind's merged model: None when it does, else why not.
+    no_gguf: str | None = None
     # The merged checkpoint is a text-generation pipeline MLflow can log and register.
     registrable: bool = False
+
+
+# A head counts as learned when its main metric beats the untrained head's by this much (an absolute margin on
+# metrics in [0, 1]: accuracy, entity F1, SQuAD F1, Pearson).
+HEAD_LEARNED_MARGIN = 0.1
+
+
+def learned_gate(metric: str, prefix: str = "") -> str:
+    """The gate expression "the shipped model's `metric` beats the untrained head's by HEAD_LEARNED_MARGIN"."""
+    return (f"evaluate.shipped.{prefix}{metric} >= evaluate.base.{prefix}{metric} + {HEAD_LEARNED_MARGIN}")
 
 
 def identity(results: dict[str, dict]) -> dict[str, dict]:

@@ -173,4 +173,5 @@ KIND = register(HeadKind(
     pipeline_tag="text-classification", num_labels=lambda spec: len(spec.labels), head_config=head_config,
     custom_head=custom_head, build_labels=build_labels, check_labels=check_labels, row_labels=_row_labels,
     encode=encode, preview=preview, targets=targets, loss=loss, output=output, hard=hard, score=score,
+    main_metric="accuracy",
 ))

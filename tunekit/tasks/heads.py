@@ -123,6 +123,7 @@ class HeadKind:
     output: Callable[[Any, int, int, int, TaskSpec], dict[str, Any]]  # (outputs, j, row length, width, spec)
     hard: Callable[[Sequence[dict], TaskSpec], list[Any]]
     score: Callable[..., tuple[dict, list[dict], dict]]  # (outputs, rows, records, spec, label, settings, out_dir)
+    main_metric: str  # the evaluate metric (higher is better) the default export gate holds the tuned head to
     count: Callable[[dict[str, torch.Tensor]], int] = lambda batch: int(batch["input_ids"].shape[0])
     split_stats: Callable[[Rows, list[dict], dict], None] = lambda rows, out, stats: None
     finish_metrics: Callable[[dict], None] = lambda metrics: None

@@ -28,12 +28,12 @@ from tunekit.modeling import MODEL_INPUTS, MultiTaskModel, TaskError, load_multi
 from tunekit.models import load_tokenizer
 from tunekit.plots import write_csv
 from tunekit.report import flat_task_results, markdown_table, metrics_png, prediction_lines, table_rows
-from tunekit.tasks.base import CardFacts, MergeCheck, Task, Training, check_rows
+from tunekit.tasks.base import CardFacts, MergeCheck, Task, Training, check_rows, learned_gate
 from tunekit.tasks.heads import (FILE_LINE, TaskDataError, TaskObjective, TaskSpec, collate_task, head_kind,
                                  load_labels, load_multitask_model, loss_from_outputs, max_logit_difference, predict,
                                  predicted_classes, preview_html, score_task, select_test_rows, task_spec,
                                  tokenize_splits)
-from tunekit.tasks.single import NO_GENERAL_TEXT, log_spec, score_models
+from tunekit.tasks.single import NO_GENERAL_TEXT, NO_GGUF, log_spec, score_models
 from tunekit.tracking import data_tags
 
 log = logging.getLogger("tunekit")
@@ -394,6 +394,12 @@ def evaluate(params, template, task_params, model_dir: Path, data_dir: Path, tok
 # ---------------------------------------------------------------- model card
 
 
+def gates(task_meta: dict) -> dict[str, str]:
+    """Every task's head must have learned: its kind's main metric beats the untrained head's."""
+    return {f"learned_{name}": learned_gate(head_kind(spec["type"]).main_metric, prefix=f"{name}.")
+            for name, spec in sorted((task_meta.get("tasks") or {}).items())}
+
+
 def card(task_meta: dict) -> CardFacts:
     names = list((task_meta or {}).get("tasks") or {})
     # a head per task: the hub's pipeline tag of the first task by name (meta.json keeps them sorted)
@@ -419,4 +425,4 @@ def card(task_meta: dict) -> CardFacts:
 
 TASK = Task(name="multi_task", ingest=ingest, ingest_tags=ingest_tags, tokenize=tokenize, template_summary=template_summary,
             training=training, retarget=retarget, merge_check=merge_check, evaluate=evaluate,
-            flat_results=flat_task_results, card=card, no_general_text=NO_GENERAL_TEXT)
+            flat_results=flat_task_results, card=card, gates=gates, no_general_text=NO_GENERAL_TEXT, no_gguf=NO_GGUF)

@@ -249,6 +249,6 @@ KIND = register(HeadKind(
     name="qa", shape="span", auto_class="AutoModelForQuestionAnswering", pipeline_tag="question-answering",
     num_labels=lambda spec: 2, head_config=lambda spec: {}, custom_head=lambda spec: False, build_labels=build_labels,
     check_labels=check_labels, row_labels=lambda row: [], encode=encode, preview=preview, targets=targets, loss=loss,
-    output=output, hard=hard, score=score, split_stats=split_stats, finish_metrics=finish_metrics,
+    output=output, hard=hard, score=score, main_metric="squad_f1", split_stats=split_stats, finish_metrics=finish_metrics,
     score_settings=score_settings, labelled=False, class_weights=False,
 ))

@@ -154,6 +154,6 @@ KIND = register(HeadKind(
     pipeline_tag="text-classification", num_labels=lambda spec: len(spec.labels), head_config=head_config,
     custom_head=custom_head, build_labels=build_labels, check_labels=check_labels, row_labels=lambda row: [],
     encode=encode, preview=preview, targets=targets, loss=loss, output=output, hard=hard, score=score,
-    split_stats=split_stats, labelled=False, class_weights=False, agree=agree,
+    main_metric="pearson", split_stats=split_stats, labelled=False, class_weights=False, agree=agree,
     spec_extra=spec_extra, label_info=label_info,
 ))

@@ -335,6 +335,16 @@ def how_to_load(chain: list[dict], meta: dict[str, Any], merged: bool) -> str:
     return text
 
 
+# Generative SFT must beat the base model by a margin and the few-shot baseline, and keep general text: the demo's
+# exact match is 1.00 against base 0.00 and 3-shot 0.58, forgetting +0.049 on the pydoc probe. The task's metric
+# is exact match, the default evaluate.metrics' first; a run scored otherwise sets export.gates on its own metric.
+SFT_GATES = {
+    "learned": "evaluate.shipped.exact_match >= evaluate.base.exact_match + 0.2",
+    "beats_few_shot": "evaluate.shipped.exact_match >= evaluate.few_shot.exact_match",
+    "forgetting": "forgetting.shipped.relative_loss_change <= 0.1",
+}
+
 TASK = Task(name="sft", ingest=ingest_inputs, ingest_tags=ingest_tags, tokenize=tokenize, template_summary=template_summary,
             training=training, retarget=retarget, merge_check=merge_check, evaluate=evaluate, flat_results=identity,
-            card=lambda task_meta: CardFacts("text-generation", (), "tokens", how_to_load), registrable=True)
+            card=lambda task_meta: CardFacts("text-generation", (), "tokens", how_to_load),
+            gates=lambda task_meta: dict(SFT_GATES), registrable=True)

@@ -12,7 +12,8 @@ from tunekit.methods import load_tuned
 from tunekit.models import load_tokenizer, resolve_checkpoint
 from tunekit.plots import write_csv
 from tunekit.report import markdown_report, metrics_png, table_rows
-from tunekit.tasks.base import CardFacts, MergeCheck, Task, Training, check_rows, identity, ingest_inputs, ingest_tags
+from tunekit.tasks.base import (CardFacts, MergeCheck, Task, Training, check_rows, identity, ingest_inputs, ingest_tags,
+                                learned_gate)
 from tunekit.tasks.heads import (HeadKind, TaskObjective, TaskSpec, load_labels, load_task_base, load_task_model,
                                  max_logit_difference, predict, predicted_classes, score_task, select_test_rows,
                                  task_method, task_spec, tokenize_task)
@@ -22,6 +23,8 @@ log = logging.getLogger("tunekit")
 NO_GENERAL_TEXT = ("finetune.replay and finetune.forgetting_every_n_steps mix in or score general text with the "
                    "language-modelling loss, and the forgetting stage scores a general-text probe with it; a task head "
                    "has no language-model output")
+NO_GGUF = ("an encoder or decoder with a task head; GGUF runtimes (llama.cpp, Ollama) serve causal language models. "
+           "Serve it with tunekit.tasks.load_task_model")
 TASK_NOTE = ("accuracy, f1_*, roc_auc, entity_*, tag_accuracy and squad_* are 0-1 (squad_* as in SQuAD 2.0, the null "
              "answer for unanswerable questions); mse and mae are in the targets' units (squared for mse), pearson and "
              "spearman -1 to 1; loss is per example (classification, regression), per labelled token (token "
@@ -155,5 +158,6 @@ def head_task(kind: HeadKind) -> Task:
 
     return Task(name=kind.name, ingest=ingest_inputs, ingest_tags=ingest_tags, tokenize=tokenize, template_summary=summary,
                 training=training, retarget=retarget, merge_check=merge_check, evaluate=evaluate, flat_results=identity,
-                card=card, no_general_text=NO_GENERAL_TEXT)
+                card=card, gates=lambda task_meta: {"learned": learned_gate(kind.main_metric)},
+                no_general_text=NO_GENERAL_TEXT, no_gguf=NO_GGUF)
 

@@ -209,5 +209,5 @@ KIND = register(HeadKind(
     pipeline_tag="token-classification", num_labels=lambda spec: len(spec.labels), head_config=head_config,
     custom_head=lambda spec: False, build_labels=build_labels, check_labels=check_labels, row_labels=_row_labels,
     encode=encode, preview=preview, targets=targets, loss=loss, output=output, hard=hard, score=score, count=count,
-    split_stats=split_stats,
+    main_metric="entity_f1", split_stats=split_stats,
 ))
