@@ -70,15 +70,7 @@ def normalise_tools(value: Any) -> list[dict]:
     tools, names = [], set()
     for index, item in enumerate(value):
         where = f"tools[{index}]"
-        if not isinstance(item, dict):
-            raise ToolDataError("wrong_type", f"{where} is {_kind(item)}; it must be an object "
-                                              "{\"type\": \"function\", \"function\": {...}}")
-        _check_type(item, where)
-        function = item.get("function", _ABSENT)
-        if not isinstance(function, dict):
-            got = "missing" if function is _ABSENT else _kind(function)
-            raise ToolDataError("wrong_type", f"{where}.function is {got}; it must be an object with the "
-                                              "function's name and its parameters' JSON schema")
+        function = _function_of(item, where, "function's name and its parameters' JSON schema")
         name = _name(function.get("name", _ABSENT), f"{where}.function.name")
         if name in names:
             raise ToolDataError("wrong_type", f"{where}.function.name {json.dumps(name)} is also an earlier tool's "
@@ -90,6 +82,19 @@ def normalise_tools(value: Any) -> list[dict]:
                                                   f"{'a string' if kind is str else 'a JSON schema object'}")
         tools.append({"type": "function", "function": dict(function)})
     return tools
+
+
+def _function_of(item: Any, where: str, holds: str) -> dict:
+    """The `function` object of a tool or a tool call at `where`, checked: {"type": "function", "function": {...}}."""
+    if not isinstance(item, dict):
+        raise ToolDataError("wrong_type", f"{where} is {_kind(item)}; it must be an object "
+                                          "{\"type\": \"function\", \"function\": {...}}")
+    _check_type(item, where)
+    function = item.get("function", _ABSENT)
+    if not isinstance(function, dict):
+        got = "missing" if function is _ABSENT else _kind(function)
+        raise ToolDataError("wrong_type", f"{where}.function is {got}; it must be an object with the {holds}")
+    return function
 
 
 def normalise_tool_calls(value: Any, where: str, tools: list[dict] | None) -> list[dict]:
@@ -104,15 +109,7 @@ def normalise_tool_calls(value: Any, where: str, tools: list[dict] | None) -> li
     calls = []
     for index, item in enumerate(value):
         call_where = f"{where}[{index}]"
-        if not isinstance(item, dict):
-            raise ToolDataError("wrong_type", f"{call_where} is {_kind(item)}; it must be an object "
-                                              "{\"type\": \"function\", \"function\": {...}}")
-        _check_type(item, call_where)
-        function = item.get("function", _ABSENT)
-        if not isinstance(function, dict):
-            got = "missing" if function is _ABSENT else _kind(function)
-            raise ToolDataError("wrong_type", f"{call_where}.function is {got}; it must be an object with the "
-                                              "called function's name and arguments")
+        function = _function_of(item, call_where, "called function's name and arguments")
         name = _name(function.get("name", _ABSENT), f"{call_where}.function.name")
         if known is not None and name not in known:
             raise ToolDataError("unknown_tool", f"{call_where}.function.name is {json.dumps(name)}, which is not "
