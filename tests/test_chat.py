@@ -338,3 +338,20 @@ def test_preview_html_escapes_and_marks_trained_tokens(smollm2_tokenizer):
     assert f"{trained} trained / {len(encoded.input_ids)} total tokens" in page
     # The end-of-turn special token is visible, escaped, and marked trained.
     assert re.search(r'<span class="tok trained special" title="[^"]*">&lt;\|im_end\|&gt;</span>', page)
+
+
+def test_mask_ignores_truncation_and_padding_left_on_the_tokenizer_by_earlier_calls(smollm2_tokenizer):
+    """transformers keeps the truncation and padding of its last call on the backend tokenizer (a QA window
+    sets `only_second`); the mask, which calls the backend directly, must not inherit them, and leaves them."""
+    clean = encode(MULTI_TURN, smollm2_tokenizer, "model")
+    smollm2_tokenizer("a question", "a long context " * 50, truncation="only_second", max_length=16, padding="max_length")
+    truncation, padding = smollm2_tokenizer.backend_tokenizer.truncation, smollm2_tokenizer.backend_tokenizer.padding
+    assert truncation is not None and padding is not None
+    try:
+        again = encode(MULTI_TURN, smollm2_tokenizer, "model")
+        assert (again.input_ids, again.labels) == (clean.input_ids, clean.labels)
+        assert smollm2_tokenizer.backend_tokenizer.truncation == truncation
+        assert smollm2_tokenizer.backend_tokenizer.padding == padding
+    finally:
+        smollm2_tokenizer.backend_tokenizer.no_truncation()
+        smollm2_tokenizer.backend_tokenizer.no_padding()

@@ -280,8 +280,20 @@ def _tokenize_pieces(full_text: str, cuts: list[int], tokenizer: Any) -> tuple[l
     bounds = [0, *cuts, len(full_text)]
     pieces = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if lo < hi]
     # The backend (Rust) tokenizer directly: what `tokenizer(..., return_offsets_mapping=True)` runs,
-    # without its per-call Python overhead, which was most of the stage's time.
-    encodings = [tokenizer.backend_tokenizer.encode(full_text[lo:hi], add_special_tokens=False) for lo, hi in pieces]
+    # without its per-call Python overhead, which was most of the stage's time. transformers leaves the
+    # truncation and padding of its last call (e.g. a QA window's `only_second`) set on the backend, so
+    # they are lifted for these calls and put back after.
+    backend = tokenizer.backend_tokenizer
+    truncation, padding = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        encodings = [backend.encode(full_text[lo:hi], add_special_tokens=False) for lo, hi in pieces]
+    finally:
+        if truncation:
+            backend.enable_truncation(**truncation)
+        if padding:
+            backend.enable_padding(**padding)
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
     for (lo, _), encoding in zip(pieces, encodings):
