@@ -26,6 +26,7 @@ the weights in its cache or remote; after `dvc pull`, `dvc repro export` rebuild
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import shutil
@@ -114,7 +115,7 @@ def run(params: ExportParams, template: TemplateParams, forgetting: ForgettingPa
             else:
                 tokenizer = load_tokenizer(source)
                 chat_template = resolve_chat_template(template.chat_template, tokenizer)
-                rows = list(read_jsonl(data_dir / "test.jsonl"))[:params.check_examples]
+                rows = list(itertools.islice(read_jsonl(data_dir / "test.jsonl"), params.check_examples))
                 probe_rows = tokenize_probe(load_probe(forgetting.probe, forgetting.probe_passages), tokenizer,
                                             forgetting.max_length)
                 probe = ProbeCheck(probe_rows, tokenizer.pad_token_id, forgetting.batch_size)

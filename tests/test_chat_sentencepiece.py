@@ -16,6 +16,7 @@ import pytest
 import sentencepiece
 from transformers import AddedToken, BertGenerationTokenizer, LlamaTokenizerFast
 
+from tests.test_chat import trained_runs
 from tunekit.chat import IGNORE_INDEX, encode_conversation, end_of_turn_marker, pack, render
 
 # Modelled on meta-llama/Llama-2-7b-chat-hf's template: the system prompt inside the first [INST],
@@ -115,16 +116,6 @@ def in_context(tokenizer, ids: list[int], start: int, stop: int) -> str:
     assert through.startswith(before)
     return through[len(before):]
 
-
-def trained_runs(labels: list[int]) -> list[tuple[int, int]]:
-    runs, start = [], None
-    for i, label in enumerate(labels + [IGNORE_INDEX]):
-        if label != IGNORE_INDEX and start is None:
-            start = i
-        elif label == IGNORE_INDEX and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 def assert_exact_mask(tokenizer, template: str, messages: list[dict], encoded, expected: list[str]) -> None:
