@@ -113,7 +113,7 @@ def test_killing_dvc_stops_the_stage_and_nothing_is_published(project):
         while "MLflow run" not in log.read_text():
             assert dvc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
-        [_stage] = stage_pids(root, "finetune")
+        assert stage_pids(root, "finetune"), "no stage process"  # the shell dvc runs it in may be a second one
         time.sleep(3)  # training under way
         dvc.send_signal(signal.SIGKILL)  # only dvc: its stage used to carry on as an orphan and publish later
         dvc.wait()
