@@ -64,7 +64,7 @@ def sp_model(tmp_path_factory) -> Path:
         sentence_iterator=iter(line for line in text.splitlines() if line.strip()), model_writer=model,
         model_type="bpe", vocab_size=1000, byte_fallback=True, character_coverage=1.0, split_digits=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        num_threads=1, minloglevel=2)
+        normalization_rule_name="identity", num_threads=1, minloglevel=2)  # Llama 2's settings
     path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
     path.write_bytes(model.getvalue())
     return path
@@ -170,6 +170,12 @@ def test_sentencepiece_llama_round_trips_tokenizer_and_logits(sp_model, tmp_path
     if legacy:  # "always" == add_space_prefix: plain text the same, except that llama.cpp adds a "▁" before a leading space
         assert all(llama_cpp.encode(t) == ids(t) for t in PLAIN)
         assert all(llama_cpp.encode(t) != ids(t) for t in LEADING_SPACE)
+        # An independent reference for llama.cpp's rule and the scores: llama.cpp's SentencePiece tokenizer reproduces
+        # sentencepiece's own encoding (dummy prefix on every text, merges by score, byte fallback), and so does the
+        # rule applied to the file, on every string, the leading-space ones where transformers differs included.
+        reference = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+        for text in PLAIN + LEADING_SPACE:
+            assert llama_cpp.encode(text) == reference.encode(text), text
     else:  # "first" -> no prefix: plain text then lacks the "▁" the tokenizer puts at its very start
         assert all(llama_cpp.encode(t) != ids(t) for t in PLAIN if not t.startswith(" "))
         assert all(llama_cpp.encode(t) == ids(t) for t in LEADING_SPACE)

@@ -496,9 +496,9 @@ def write_gguf(model: torch.nn.Module, tokenizer, model_dir: Path, path: Path, p
 
 
 def _alone(path: Path) -> Path:
-    """A directory holding only a link to `path`: transformers' GGUF loading also reads config.json,
-    tokenizer.json and tokenizer_config.json from the file's directory, and the export writes the GGUF files
-    beside the checkpoint's own, which would then be read instead of the file's."""
+    """A directory holding only a link to `path`. transformers' GGUF loading also looks in the file's directory
+    (AutoTokenizer reads tokenizer_config.json there for the class and its options), and the export writes the
+    GGUF files beside the checkpoint's own files: read alone, only the GGUF can inform the check."""
     import tempfile
 
     directory = Path(tempfile.mkdtemp(prefix="tunekit-gguf-"))
