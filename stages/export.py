@@ -33,7 +33,7 @@ import shutil
 from pathlib import Path
 
 from tunekit.card import CARD_FILE, render_card
-from tunekit.chat import resolve_chat_template
+from tunekit.chat import render, resolve_chat_template
 from tunekit.forgetting import load_probe, tokenize_probe
 from tunekit.gates import describe, evaluate_gates, failures
 from tunekit.gguf_export import ExportRefused, ProbeCheck, export_gguf, gguf_gates
@@ -116,11 +116,15 @@ def run(params: ExportParams, template: TemplateParams, forgetting: ForgettingPa
                 tokenizer = load_tokenizer(source)
                 chat_template = resolve_chat_template(template.chat_template, tokenizer)
                 rows = list(itertools.islice(read_jsonl(data_dir / "test.jsonl"), params.check_examples))
+                # The same held-out conversations as text, rendered as training rendered them: the tokenizer check.
+                texts = [render(record["messages"], tokenizer, chat_template, False) for record in
+                         itertools.islice(read_jsonl(ingested_dir / "test.jsonl"), params.check_examples)
+                         if record.get("messages")]
                 probe_rows = tokenize_probe(load_probe(forgetting.probe, forgetting.probe_passages), tokenizer,
                                             forgetting.max_length)
                 probe = ProbeCheck(probe_rows, tokenizer.pad_token_id, forgetting.batch_size)
                 result["gguf"] = export_gguf(source, tmp, list(params.gguf), chat_template, rows, probe,
-                                             name=f"tunekit {meta.get('method', 'model')}")
+                                             name=f"tunekit {meta.get('method', 'model')}", texts=texts or None)
                 gates.update(gguf_gates(params.gguf))
                 if params.modelfile_from:
                     family, default = match_family(tokenizer, chat_template)

@@ -8,7 +8,6 @@ handle are refused by name; the Ollama Modelfile renders the training template.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import gguf
@@ -140,11 +139,13 @@ def test_the_reader_is_independent_of_the_writer_a_missing_rope_permutation_is_c
     assert verify_gguf(tmp_path / "wrong.gguf", reference, batch, None)["max_logit_difference"] > DEFAULTS["f16"].max_logit_difference
 
 
-def test_tiny_qwen2_with_attention_biases_round_trips(smollm2_tokenizer, rows, probe, tmp_path, monkeypatch):
+def test_tiny_qwen2_with_attention_biases_and_yarn_rope_round_trips(smollm2_tokenizer, rows, probe, tmp_path, monkeypatch):
     torch.manual_seed(1)
+    # Qwen2.5's long-context setting: yarn, written as rope.scaling.* keys.
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
     config = Qwen2Config(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, initializer_range=0.1)
+                         tie_word_embeddings=False, initializer_range=0.1, rope_scaling=yarn)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # non-zero biases, so a lost or misplaced bias shows
         for layer in model.model.layers:
@@ -163,6 +164,17 @@ def test_tiny_qwen2_with_attention_biases_round_trips(smollm2_tokenizer, rows, p
     assert results["f16"]["max_logit_difference"] <= DEFAULTS["f16"].max_logit_difference
     names = {t.name for t in gguf.GGUFReader(tmp_path / "model-f16.gguf").tensors}
     assert {"blk.0.attn_q.bias", "blk.1.attn_v.bias", "output.weight"} <= names
+    fields = gguf_export.gguf_fields(tmp_path / "model-f16.gguf", "qwen2.rope.scaling.type", "qwen2.rope.scaling.factor",
+                                     "qwen2.rope.scaling.original_context_length")
+    assert list(fields.values()) == ["yarn", 4.0, 64] and results["f16"]["rope_scaling"] == "yarn"
+    # transformers' reader ignores the yarn keys (plain rope): past the bound, so the match above is the file's yarn.
+    from transformers import AutoModelForCausalLM
+
+    directory = gguf_export._alone(tmp_path / "model-f16.gguf")
+    plain = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file="model-f16.gguf", dtype=torch.float32).eval()
+    reference, batch = reference_logits(model_dir, rows)
+    off = gguf_export.compare_logits(reference, gguf_export.logits(plain, batch), batch["attention_mask"])["max_logit_difference"]
+    assert off > DEFAULTS["f16"].max_logit_difference and off > 10 * results["f16"]["max_logit_difference"]
 
 
 def test_unsupported_architectures_rope_scaling_and_tokenizers_are_refused_by_name(smollm2_tokenizer, tmp_path):
@@ -172,16 +184,13 @@ def test_unsupported_architectures_rope_scaling_and_tokenizers_are_refused_by_na
     assert not (tmp_path / "gpt2.gguf").exists()
 
     scaled = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    with pytest.raises(ExportRefused, match="rope scaling 'llama3'"):
+                         rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8,
+                                       "original_max_position_embeddings": 64})
+    with pytest.raises(ExportRefused, match="rope scaling 'longrope'.*supported for llama: default, linear, yarn, llama3"):
         gguf_export.architecture_of(LlamaForCausalLM(scaled))
 
-    spm = tmp_path / "spm"
-    spm.mkdir()
-    (spm / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "byte_fallback": True}}))
-    with pytest.raises(ExportRefused, match="SentencePiece style"):
-        gguf_export.tokenizer_kind(spm)
+    with pytest.raises(ExportRefused, match="WordPiece tokenizer model is not written"):
+        gguf_export.tokenizer_kind({"model": {"type": "WordPiece"}}, "bert")
     with pytest.raises(ExportRefused, match="precision 'q4_k_m'"):
         gguf_export.write_gguf(gpt2, smollm2_tokenizer, tmp_path, tmp_path / "k.gguf", "q4_k_m", "", "k")
 

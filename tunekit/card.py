@@ -139,6 +139,16 @@ def _export_sections(export: dict[str, Any]) -> list[str]:
     for figures in files.values():
         out.append(f"| `{figures['file']}` | " + " | ".join(_number(figures[c]) if c in figures else "-"
                                                              for c in GGUF_COLUMNS) + " |")
+    facts = next(iter(files.values()))
+    notes = [f"tokenizer `{facts.get('tokenizer')}`" + (
+        f" (SentencePiece; add_space_prefix {facts.get('add_space_prefix')}, from {facts.get('prefix_rule')})"
+        if facts.get("tokenizer") == "llama" else f" (pre-tokenizer `{facts.get('pre_tokenizer')}`)")]
+    if facts.get("rope_scaling") not in (None, "default"):
+        notes.append(f"rope scaling `{facts['rope_scaling']}`")
+    if facts.get("context_capped_to_sliding_window"):
+        notes.append(f"context length {facts['context_length']}, the model's sliding window (llama.cpp attends over "
+                     "the whole context, the same computation only up to the window)")
+    out += ["", "Written with " + "; ".join(notes) + "."]
     modelfile = export.get("modelfile") or {}
     first = next(iter(files.values()))["file"]
     commands = [f"llama-server -m {first}  # OpenAI-compatible chat on :8080"]
