@@ -214,3 +214,12 @@ def test_params_accept_module_files_and_refuse_bad_entries_naming_the_key(tmp_pa
             f"metrics_user/missing.py (from {tmp_path})") in message
     assert "evaluate.metrics.2: value 'metrics_user'" in message and "metrics_user/metrics_user.py" in message
     assert "evaluate.metrics.3: value 'hub:'" in message and "hub:meteor" in message
+
+
+def test_per_sample_scores_without_the_arrow_round_trip_are_the_same_numbers():
+    names = ["exact_match", "bleu", "rouge_l", "chrf", "rouge", "squad", str(FIXTURES / "overlap.py")]
+    _, per_sample = score_generations([[p] for p in PREDICTIONS], REFERENCES, names)
+    for (p, r), scores in zip(zip(PREDICTIONS, REFERENCES), per_sample):
+        corpus, _ = score_generations([[p]], [r], names)  # compute through evaluate on the one pair
+        assert scores[0] == pytest.approx(corpus, abs=1e-12)
+        assert scores[0]["bleu"] == pytest.approx(sacrebleu.corpus_bleu([p], [[r]]).score, abs=1e-9)

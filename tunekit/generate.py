@@ -231,9 +231,10 @@ def score_generations(predictions: Sequence[Sequence[str]], references: Sequence
     evaluate modules (a .py path, a directory holding <dir>.py, or hub:<name>; see tunekit.metric_modules).
 
     With n samples per prompt the set score is the mean over j of the score of the j-th samples: the
-    expected score of one sampled answer. Per-sample scores are each metric on that one pair.
+    expected score of one sampled answer. Per-sample scores are each metric on that one pair (the
+    module's own code, without evaluate's Arrow round trip per pair: tunekit.metric_modules.one_pair_at_a_time).
     """
-    from tunekit.metric_modules import MetricModuleError
+    from tunekit.metric_modules import MetricModuleError, one_pair_at_a_time
 
     builtin = _metric_functions()
     unknown = [n for n in names if n not in builtin and not _is_module_entry(n)]
@@ -257,8 +258,9 @@ def score_generations(predictions: Sequence[Sequence[str]], references: Sequence
                     raise MetricModuleError(f"{METRICS_KEY}: {name!r} and {owner[key]!r} both report {key!r}; "
                                             "rename one module file (its name prefixes its keys)")
                 corpus[key] = corpus.get(key, 0.0) + value / n_samples
-    per_sample = [[{key: value for name in names for key, value in functions[name]([p], [r]).items()} for p in samples]
-                  for samples, r in zip(predictions, references)]
+    with one_pair_at_a_time():  # the corpus calls above went through evaluate's compute on the same data
+        per_sample = [[{key: value for name in names for key, value in functions[name]([p], [r]).items()}
+                       for p in samples] for samples, r in zip(predictions, references)]
     return corpus, per_sample
 
 
