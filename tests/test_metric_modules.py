@@ -223,3 +223,14 @@ def test_per_sample_scores_without_the_arrow_round_trip_are_the_same_numbers():
         corpus, _ = score_generations([[p]], [r], names)  # compute through evaluate on the one pair
         assert scores[0] == pytest.approx(corpus, abs=1e-12)
         assert scores[0]["bleu"] == pytest.approx(sacrebleu.corpus_bleu([p], [[r]]).score, abs=1e-9)
+
+
+def test_multi_label_rows_score_as_scikit_learn_scores_indicator_arrays():
+    true, pred = [[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]], [[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 1]]
+    scores = [[0.9, 0.2, 0.4], [0.1, 0.8, 0.3], [0.7, 0.45, 0.2], [0.3, 0.6, 0.9]]
+    got = metrics.classification_metrics(true, pred, scores)
+    assert got == pytest.approx({"accuracy": skm.accuracy_score(true, pred),
+                                 "f1_macro": skm.f1_score(true, pred, average="macro", zero_division=0),
+                                 "f1_micro": skm.f1_score(true, pred, average="micro", zero_division=0),
+                                 "roc_auc": skm.roc_auc_score(true, scores, average="macro")}, abs=1e-12)
+    assert got["accuracy"] == 0.25  # subset accuracy: only the second row is right throughout
