@@ -6,7 +6,7 @@
 Models, side by side: `base`; `dapt` when the fine-tune's parent is a real DAPT checkpoint; `few_shot`
 (the base prompted with `evaluate.few_shot.k` train demonstrations); `tuned`; `merged` when --merged
 exists. Each gets loss and perplexity over trained tokens and the generation metrics named in
-`evaluate.metrics`; with `evaluate.code.enabled`, pass@k on HumanEval, its completions run only in
+`evaluate.metrics` (built-in `evaluate` modules of tunekit/metric_modules, a user's module file, hub:<name>); with `evaluate.code.enabled`, pass@k on HumanEval, its completions run only in
 tunekit.sandbox. The base is read from the fine-tuned checkpoint's meta.json (its lineage).
 
 Which models are scored and how is the checkpoint's task kind's (tunekit.tasks, meta.json "task"): the

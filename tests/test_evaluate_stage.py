@@ -2,6 +2,7 @@
 HumanEval scored through the sandbox, the lineage (dapt, merged) side by side, predictions and report."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,54 @@ def test_real_dapt_parent_is_scored_and_passthrough_is_not(project, tiny_model_d
     write_meta(tuned, "finetune", {}, parent=passthrough, extra={"method": "lora", "mergeable": True, "saves_adapter": True})
     assert dapt_checkpoint(tuned) == (None, None)
     json.loads((tuned / "meta.json").read_text())
+
+
+# ---------------------------------------------------------------- users' evaluate modules
+
+
+FIXTURE_MODULES = Path(__file__).resolve().parent / "fixtures" / "metric_modules"
+
+
+def test_a_users_metric_module_named_in_params_is_scored_and_reported_for_every_model(project, tmp_path):
+    from tunekit.params import validate_section
+
+    params = validate_section("evaluate", {"max_new_tokens": 4, "few_shot": False,
+                                           "metrics": ["exact_match", str(FIXTURE_MODULES / "overlap.py")]},
+                              EvaluateParams)
+    out = tmp_path / "report"
+    results = evaluate.run(params, TemplateParams(), project["adapter"], project["data"], project["tokenized"], out,
+                           merged_dir=project["merged"], seed=3)
+    for model in ("base", "tuned", "merged"):
+        assert {"exact_match", "overlap", "overlap_length_ratio"} <= set(results[model])
+        assert 0.0 <= results[model]["overlap"] <= 1.0
+    assert results["delta"]["overlap"] == pytest.approx(results["tuned"]["overlap"] - results["base"]["overlap"])
+    rows = list(read_jsonl(out / "predictions_tuned.jsonl"))
+    overlap = []
+    for row in rows:  # per sample: the user's module on that one pair, by the module's own rule
+        words = set(row["reference"].lower().split())
+        overlap.append(len(words & set(row["prediction"].lower().split())) / len(words))
+        assert row["scores"][0]["overlap"] == pytest.approx(overlap[-1])
+    assert results["tuned"]["overlap"] == pytest.approx(sum(overlap) / len(overlap))
+    assert "overlap_length_ratio" in (out / "report.md").read_text()
+    assert "overlap" in (out / "report.csv").read_text().splitlines()[0].split(",")
+
+
+def test_a_bad_users_module_stops_the_stage_naming_the_params_key_and_the_file(project, tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("import evaluate\nimport not_a_package_anyone_installed\n")
+
+    def run(metrics):
+        params = EvaluateParams(max_new_tokens=2, few_shot=None, metrics=metrics)
+        evaluate.run(params, TemplateParams(), project["adapter"], project["data"], project["tokenized"],
+                     tmp_path / "r", seed=0)
+
+    # Fails on loading, before any model generates.
+    with pytest.raises(SystemExit, match=r"evaluate.metrics\[1\] = '.*broken.py' \(.*broken.py\): cannot load .*"
+                                         r"not_a_package_anyone_installed"):
+        run(["bleu", str(broken)])
+    with pytest.raises(SystemExit, match=r"evaluate \(base\): params.yaml: evaluate.metrics\[0\] = '.*wordy.py' "
+                                         r"\(.*wordy.py\): compute returned non-numeric value\(s\) \{'verdict': 'str'\}"):
+        run([str(FIXTURE_MODULES / "wordy.py")])
+    with pytest.raises(SystemExit, match=r"evaluate.metrics\[0\] = '.*raises' \(.*raises.py\): compute\(.*\) on 3 "
+                                         r"example\(s\) raised ZeroDivisionError"):
+        run([str(FIXTURE_MODULES / "raises")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -155,24 +156,92 @@ def _metric_functions():
         "rouge_l": lambda p, r: {"rouge_l": m.rouge_l(p, r)},
         "chrf": lambda p, r: {"chrf": m.chrf(p, r)},
         "rouge": m.rouge,
-        "squad": lambda p, r: {"squad_exact_match": m.squad_exact_match(p, r), "squad_f1": m.squad_f1(p, r)},
+        "squad": lambda p, r: {f"squad_{k}": v for k, v in m.squad(p, r).items()},
     }
 
 
 GENERATION_METRICS = ("exact_match", "bleu", "rouge_l", "chrf", "rouge", "squad")
+METRICS_KEY = "evaluate.metrics"
+
+
+def user_metric_name(entry: str) -> str:
+    """The prefix of a user module's result keys: the module's file stem (`hub:<owner>/<name>`: <name>)."""
+    from tunekit.metric_modules import HUB_PREFIX, module_file
+
+    if entry.startswith(HUB_PREFIX):
+        return entry[len(HUB_PREFIX):].rstrip("/").split("/")[-1]
+    return module_file(entry).stem
+
+
+def _where(entry: str, index: int) -> str:
+    from tunekit.metric_modules import HUB_PREFIX, module_file
+
+    source = entry if entry.startswith(HUB_PREFIX) else str(module_file(entry).resolve())
+    return f"params.yaml: {METRICS_KEY}[{index}] = {entry!r} ({source})"
+
+
+def load_metrics(names: Sequence[str]) -> None:
+    """Load every metric module `names` needs now, before any model generates: a missing file, a module
+    that does not import or a hub metric while offline fails here, naming the params key and the file."""
+    from tunekit.metric_modules import MetricModuleError, load
+
+    for index, entry in enumerate(names):
+        if entry in GENERATION_METRICS:
+            continue
+        try:
+            load(entry)
+        except MetricModuleError as exc:
+            raise MetricModuleError(f"{_where(entry, index)}: {exc}") from None
+
+
+def _user_metric(entry: str, index: int):
+    """A user's module (file or hub) as a metric function: its compute(predictions=, references=), whose
+    result must be a dict of numbers; each key is reported as `<module name>_<key>` (or the name alone
+    when the key is the name)."""
+    import numbers
+
+    from tunekit.metric_modules import MetricModuleError, compute
+
+    prefix = user_metric_name(entry)
+
+    def score(predictions: list[str], references: list[str]) -> dict[str, float]:
+        try:
+            result = compute(entry, predictions=predictions, references=references)
+        except MetricModuleError as exc:
+            raise MetricModuleError(f"{_where(entry, index)}: {exc}") from None
+        except Exception as exc:
+            raise MetricModuleError(f"{_where(entry, index)}: compute(predictions=..., references=...) on "
+                                    f"{len(predictions)} example(s) raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, dict) or not result:
+            raise MetricModuleError(f"{_where(entry, index)}: compute returned {result!r}; a metric module must "
+                                    "return a non-empty dict of numbers, e.g. {\"score\": 0.5}")
+        bad = {k: v for k, v in result.items() if isinstance(v, bool) or not isinstance(v, numbers.Real)}
+        if bad:
+            raise MetricModuleError(f"{_where(entry, index)}: compute returned non-numeric value(s) "
+                                    f"{ {k: type(v).__name__ for k, v in bad.items()} }; every value must be a number "
+                                    "(a float or int), one per key")
+        return {(prefix if key == prefix else f"{prefix}_{key}"): float(value) for key, value in result.items()}
+
+    return score
 
 
 def score_generations(predictions: Sequence[Sequence[str]], references: Sequence[str],
                       names: Sequence[str]) -> tuple[dict[str, float], list[list[dict[str, float]]]]:
-    """The chosen metrics (tunekit.metrics) over the whole set, and per sample.
+    """The chosen metrics over the whole set, and per sample: built-in names (tunekit.metrics) and users'
+    evaluate modules (a .py path, a directory holding <dir>.py, or hub:<name>; see tunekit.metric_modules).
 
     With n samples per prompt the set score is the mean over j of the score of the j-th samples: the
-    expected score of one sampled answer. Per-sample scores are each metric on that one pair.
+    expected score of one sampled answer. Per-sample scores are each metric on that one pair (the
+    module's own code, without evaluate's Arrow round trip per pair: tunekit.metric_modules.one_pair_at_a_time).
     """
-    functions = _metric_functions()
-    unknown = [n for n in names if n not in functions]
+    from tunekit.metric_modules import MetricModuleError, one_pair_at_a_time
+
+    builtin = _metric_functions()
+    unknown = [n for n in names if n not in builtin and not _is_module_entry(n)]
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; valid: {', '.join(GENERATION_METRICS)}")
+        raise ValueError(f"unknown metrics {unknown}; valid: {', '.join(GENERATION_METRICS)}, or an evaluate "
+                         "module (a .py path, a directory holding <dir>.py, hub:<name>)")
+    functions = {name: builtin.get(name) or _user_metric(name, i) for i, name in enumerate(names)}
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} prediction lists for {len(references)} references")
     n = {len(samples) for samples in predictions}
@@ -180,14 +249,26 @@ def score_generations(predictions: Sequence[Sequence[str]], references: Sequence
         raise ValueError(f"every prompt needs the same number of samples, got {sorted(n)}")
     n_samples = n.pop() if n else 1
     corpus: dict[str, float] = {}
+    owner: dict[str, str] = {}
     for j in range(n_samples):
         column = [samples[j] for samples in predictions]
         for name in names:
             for key, value in functions[name](column, list(references)).items():
+                if owner.setdefault(key, name) != name:
+                    raise MetricModuleError(f"{METRICS_KEY}: {name!r} and {owner[key]!r} both report {key!r}; "
+                                            "rename one module file (its name prefixes its keys)")
                 corpus[key] = corpus.get(key, 0.0) + value / n_samples
-    per_sample = [[{key: value for name in names for key, value in functions[name]([p], [r]).items()} for p in samples]
-                  for samples, r in zip(predictions, references)]
+    with one_pair_at_a_time():  # the corpus calls above went through evaluate's compute on the same data
+        per_sample = [[{key: value for name in names for key, value in functions[name]([p], [r]).items()}
+                       for p in samples] for samples, r in zip(predictions, references)]
     return corpus, per_sample
+
+
+def _is_module_entry(name: str) -> bool:
+    from tunekit.metric_modules import HUB_PREFIX
+
+    path = Path(name)
+    return name.startswith(HUB_PREFIX) or path.suffix == ".py" or path.is_dir() or len(path.parts) > 1
 
 
 # ---------------------------------------------------------------- code (HumanEval pass@k)

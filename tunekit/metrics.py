@@ -1,14 +1,24 @@
-"""Task metrics, each computed by the field's reference library (nothing is fetched at run time)."""
+"""Task metrics, each computed by a Hugging Face `evaluate` module kept in the repo
+(tunekit/metric_modules/<name>/<name>.py) that wraps the field's reference library; nothing is fetched
+at run time. These functions are thin wrappers over the loaded modules (loaded once per process, safe to
+call from several threads): their signatures and values are the ones callers have always had."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tunekit.metric_modules import compute, python_module
 
-def _check_lengths(predictions: Sequence[str], references: Sequence[str]) -> None:
+
+def _check_lengths(predictions: Sequence, references: Sequence) -> None:
     # sacrebleu silently ignores surplus predictions; a miscount must fail loudly everywhere.
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+
+
+def _texts(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[str]]:
+    _check_lengths(predictions, references)
+    return {"predictions": list(predictions), "references": list(references)}
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -17,32 +27,17 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     Deliberately strict: the demo task asks for one exact JSON object, so case, key order and
     punctuation all count.
     """
-    _check_lengths(predictions, references)
-    if not references:
-        return 0.0
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+    return compute("exact_match", **_texts(predictions, references))["exact_match"]
 
 
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (sacrebleu, 0-100), one reference per prediction."""
-    import sacrebleu
-
-    _check_lengths(predictions, references)
-    if not references:
-        return 0.0
-    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+    return compute("bleu", **_texts(predictions, references))["bleu"]
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F1 (rouge-score, Porter stemming), 0-1."""
-    from rouge_score import rouge_scorer
-
-    _check_lengths(predictions, references)
-    if not references:
-        return 0.0
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-    return sum(scores) / len(scores)
+    return compute("rouge", **_texts(predictions, references), rouge_types=["rougeL"])["rougeL"]
 
 
 def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -58,12 +53,7 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str]) ->
 
 def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2, no word n-grams), 0-100."""
-    import sacrebleu
-
-    _check_lengths(predictions, references)
-    if not references:
-        return 0.0
-    return float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)
+    return compute("chrf", **_texts(predictions, references))["chrf"]
 
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -74,43 +64,12 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
 
     ROUGE-Lsum treats each line as a sentence (rouge-score splits on "\\n"); put one sentence per line.
     """
-    from rouge_score import rouge_scorer
-
-    _check_lengths(predictions, references)
-    if not references:
-        return dict.fromkeys(ROUGE_TYPES, 0.0)
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True, split_summaries=False)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for p, r in zip(predictions, references):
-        scores = scorer.score(r, p)
-        for name in ROUGE_TYPES:
-            totals[name] += scores[name].fmeasure
-    return {name: total / len(references) for name, total in totals.items()}
+    return compute("rouge", **_texts(predictions, references), rouge_types=list(ROUGE_TYPES))
 
 
 def squad_normalize(text: str) -> str:
     """SQuAD's answer normalisation: lower-case, drop punctuation, the articles a/an/the, extra whitespace."""
-    import re
-    import string
-
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def _squad_f1_one(prediction: str, reference: str) -> float:
-    from collections import Counter
-
-    pred_tokens = squad_normalize(prediction).split()
-    ref_tokens = squad_normalize(reference).split()
-    common = Counter(pred_tokens) & Counter(ref_tokens)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision = same / len(pred_tokens)
-    recall = same / len(ref_tokens)
-    return 2 * precision * recall / (precision + recall)
+    return python_module("squad").normalize_answer(text)
 
 
 def _as_reference_lists(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
@@ -120,47 +79,53 @@ def _as_reference_lists(references: Sequence[str | Sequence[str]]) -> list[list[
     return lists
 
 
+def squad(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
+    """SQuAD v1.1 exact match and token F1 (0-1) at once: {"exact_match": ..., "f1": ...}."""
+    _check_lengths(predictions, references)
+    if not references:
+        return {"exact_match": 0.0, "f1": 0.0}
+    return compute("squad", predictions=list(predictions), references=_as_reference_lists(references))
+
+
 def squad_exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """SQuAD v1.1 exact match, 0-1 (the official script's number / 100): a reference may be a list of
     acceptable answers, and the best one counts."""
-    _check_lengths(predictions, references)
-    if not references:
-        return 0.0
-    refs = _as_reference_lists(references)
-    hits = [max(float(squad_normalize(p) == squad_normalize(r)) for r in rs) for p, rs in zip(predictions, refs)]
-    return sum(hits) / len(hits)
+    return squad(predictions, references)["exact_match"]
 
 
 def squad_f1(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """SQuAD v1.1 token F1, 0-1, max over each prediction's references (an empty side scores 0, as in v1.1)."""
-    _check_lengths(predictions, references)
-    if not references:
-        return 0.0
-    refs = _as_reference_lists(references)
-    scores = [max(_squad_f1_one(p, r) for r in rs) for p, rs in zip(predictions, refs)]
-    return sum(scores) / len(scores)
+    return squad(predictions, references)["f1"]
 
 
 # ---------------------------------------------------------------- classification
 
 
-def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
-    from sklearn.metrics import accuracy_score
+def _labels(values: Sequence) -> list:
+    """Plain Python labels (numpy scalars and arrays become ints and lists) for the modules' Arrow features."""
+    import numpy as np
 
+    values = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    return [v.tolist() if isinstance(v, np.ndarray | np.generic) else list(v) if isinstance(v, tuple) else v
+            for v in values]
+
+
+def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
     _check_lengths(y_pred, y_true)
-    return float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0
+    if not len(y_true):
+        return 0.0
+    return compute("accuracy", predictions=_labels(y_pred), references=_labels(y_true))["accuracy"]
 
 
 def f1(y_true: Sequence, y_pred: Sequence, average: str = "macro", labels: Sequence | None = None) -> float:
     """F1 (scikit-learn) with `average` "macro" (mean over classes) or "micro" (pooled counts)."""
-    from sklearn.metrics import f1_score
-
     if average not in ("macro", "micro"):
         raise ValueError(f"average must be 'macro' or 'micro', not {average!r}")
     _check_lengths(y_pred, y_true)
     if not len(y_true):
         return 0.0
-    return float(f1_score(y_true, y_pred, average=average, labels=labels, zero_division=0))
+    return compute("f1", predictions=_labels(y_pred), references=_labels(y_true), average=average,
+                   labels=None if labels is None else _labels(labels))["f1"]
 
 
 def roc_auc(y_true: Sequence, y_score, labels: Sequence | None = None) -> float:
@@ -168,36 +133,30 @@ def roc_auc(y_true: Sequence, y_score, labels: Sequence | None = None) -> float:
 
     Binary: `y_score` is P(positive class) per example, or an (n, 2) array of class probabilities.
     Multi-class: an (n, n_classes) array of probabilities (rows summing to 1), columns in the order of
-    `labels` (default: the sorted classes); scored one-vs-rest, macro-averaged.
+    `labels` (default: the sorted classes); scored one-vs-rest, macro-averaged. Multi-label: `y_true`
+    rows of 0/1 indicators and `y_score` rows of per-label probabilities, macro-averaged.
     """
     import numpy as np
-    from sklearn.metrics import roc_auc_score
 
     scores = np.asarray(y_score, dtype=float)
     if scores.shape[0] != len(y_true):
         raise ValueError(f"{scores.shape[0]} score rows for {len(y_true)} labels")
-    classes = list(labels) if labels is not None else sorted(set(y_true))
-    if len(set(y_true)) < 2:  # scikit-learn only warns and returns nan
+    if not len(y_true):
         raise ValueError("ROC AUC is undefined when y_true holds a single class")
-    if scores.ndim == 2 and scores.shape[1] == 2 and len(classes) <= 2:
-        scores = scores[:, 1]
-    if scores.ndim == 1:
-        if labels is not None and len(classes) == 2:
-            return float(roc_auc_score([int(y == classes[1]) for y in y_true], scores))
-        return float(roc_auc_score(y_true, scores))
-    if scores.shape[1] != len(classes):
-        raise ValueError(f"{scores.shape[1]} score columns for {len(classes)} classes {classes}")
-    order = sorted(range(len(classes)), key=lambda i: classes[i])  # scikit-learn wants labels sorted
-    return float(roc_auc_score(y_true, scores[:, order], multi_class="ovr", average="macro",
-                               labels=[classes[i] for i in order]))
+    return compute("roc_auc", references=_labels(y_true), prediction_scores=scores.tolist(),
+                   labels=None if labels is None else _labels(labels))["roc_auc"]
 
 
 def confusion_matrix(y_true: Sequence, y_pred: Sequence, labels: Sequence | None = None):
     """Counts (numpy array), rows = true class, columns = predicted class, in `labels` order (default sorted)."""
-    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+    import numpy as np
 
     _check_lengths(y_pred, y_true)
-    return sk_confusion_matrix(y_true, y_pred, labels=labels)
+    if not len(y_true):
+        size = 0 if labels is None else len(labels)
+        return np.zeros((size, size), dtype=np.int64)
+    return compute("confusion_matrix", predictions=_labels(y_pred), references=_labels(y_true),
+                   labels=None if labels is None else _labels(labels))["confusion_matrix"]
 
 
 def confusion_matrix_png(path, matrix, labels: Sequence, title: str = "confusion matrix") -> None:
@@ -232,6 +191,8 @@ def confusion_matrix_png(path, matrix, labels: Sequence, title: str = "confusion
     plt.close(fig)
 
 
+
+
 def classification_metrics(y_true: Sequence, y_pred: Sequence, y_score=None, labels: Sequence | None = None) -> dict:
     metrics = {"accuracy": accuracy(y_true, y_pred), "f1_macro": f1(y_true, y_pred, "macro", labels),
                "f1_micro": f1(y_true, y_pred, "micro", labels)}
@@ -249,20 +210,14 @@ def entity_metrics(y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[st
     Default: seqeval's conlleval-compatible mode (an I- tag after O starts an entity). `strict=True`:
     seqeval's strict IOB2 mode (an entity must start with B-; type and span must match exactly).
     """
-    from seqeval.metrics import f1_score, precision_score, recall_score
-    from seqeval.scheme import IOB2
-
     _check_lengths(y_pred, y_true)
     for i, (t, p) in enumerate(zip(y_true, y_pred)):
         if len(t) != len(p):
             raise ValueError(f"sentence {i}: {len(p)} predicted tags for {len(t)} true tags")
     if not y_true:
         return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-    kwargs = {"mode": "strict", "scheme": IOB2} if strict else {}
-    true, pred = [list(t) for t in y_true], [list(p) for p in y_pred]
-    return {"precision": float(precision_score(true, pred, zero_division=0, **kwargs)),
-            "recall": float(recall_score(true, pred, zero_division=0, **kwargs)),
-            "f1": float(f1_score(true, pred, zero_division=0, **kwargs))}
+    return compute("seqeval", predictions=[list(p) for p in y_pred], references=[list(t) for t in y_true],
+                   strict=strict)
 
 
 # ---------------------------------------------------------------- code
@@ -270,19 +225,7 @@ def entity_metrics(y_true: Sequence[Sequence[str]], y_pred: Sequence[Sequence[st
 
 def pass_at_k_one(n: int, c: int, k: int) -> float:
     """Unbiased pass@k for one problem, 1 - C(n-c, k) / C(n, k), in the Codex paper's stable product form."""
-    import numpy as np
-
-    if not (isinstance(n, int | np.integer) and isinstance(c, int | np.integer) and isinstance(k, int | np.integer)):
-        raise TypeError("n, c and k must be integers")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, not {k}")
-    if not 0 <= c <= n:
-        raise ValueError(f"need 0 <= correct <= samples, got {c} correct of {n}")
-    if n < k:
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    return python_module("pass_at_k").pass_at_k_one(n, c, k)
 
 
 def pass_at_k(num_samples: Sequence[int] | int, num_correct: Sequence[int], ks: Sequence[int]) -> dict[int, float]:
@@ -295,16 +238,14 @@ def pass_at_k(num_samples: Sequence[int] | int, num_correct: Sequence[int], ks: 
     samples = [num_samples] * len(correct) if isinstance(num_samples, int) else list(num_samples)
     if len(samples) != len(correct):
         raise ValueError(f"{len(samples)} sample counts for {len(correct)} correct counts")
-    if not correct:
-        raise ValueError("pass@k of no problems")
-    result = {}
-    for k in ks:
-        short = [i for i, n in enumerate(samples) if n < k]
-        if short:
-            raise ValueError(f"pass@{k} needs at least {k} samples per problem; problem(s) {short[:10]} have "
-                             f"{[samples[i] for i in short[:10]]}")
-        result[k] = sum(pass_at_k_one(n, c, k) for n, c in zip(samples, correct)) / len(correct)
-    return result
+    for value in (*samples, *correct):  # the module's int64 features would truncate a float
+        if not isinstance(value, int):
+            import numpy as np
+
+            if not isinstance(value, np.integer):
+                raise TypeError(f"sample and correct counts must be integers, got {value!r}")
+    result = compute("pass_at_k", samples=[int(n) for n in samples], correct=[int(c) for c in correct], ks=list(ks))
+    return {k: result[f"pass@{k}"] for k in ks}
 
 
 # ---------------------------------------------------------------- regression
@@ -315,26 +256,12 @@ def regression_metrics(y_true: Sequence[Sequence[float]], y_pred: Sequence[Seque
     """MSE and MAE (scikit-learn), Pearson and Spearman correlation (scipy) of rows of targets: averaged
     over the targets, and per target (`<name>_<metric>`) when there are several. A correlation is NaN
     when either side is constant (undefined, as scipy says)."""
-    import warnings
-
     import numpy as np
-    from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
-    from sklearn.metrics import mean_absolute_error, mean_squared_error
 
     true, pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
     if true.shape != pred.shape or true.ndim != 2:
         raise ValueError(f"targets {true.shape} and predictions {pred.shape} must both be [examples, targets]")
-    per_target = []
-    for column in range(true.shape[1]):
-        t, p = true[:, column], pred[:, column]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConstantInputWarning)
-            correlations = (float(pearsonr(t, p).statistic), float(spearmanr(t, p).statistic)) if len(t) > 1 \
-                else (float("nan"), float("nan"))
-        per_target.append({"mse": float(mean_squared_error(t, p)), "mae": float(mean_absolute_error(t, p)),
-                           "pearson": correlations[0], "spearman": correlations[1]})
-    metrics = {key: float(np.mean([m[key] for m in per_target])) for key in ("mse", "mae", "pearson", "spearman")}
-    if len(per_target) > 1:
-        for name, values in zip(names or [f"target_{i}" for i in range(len(per_target))], per_target):
-            metrics.update({f"{name}_{key}": value for key, value in values.items()})
-    return metrics
+    if not len(true):
+        raise ValueError("regression metrics of no examples")
+    return compute("regression", predictions=pred.tolist(), references=true.tolist(),
+                   names=None if names is None else list(names))

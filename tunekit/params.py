@@ -362,6 +362,33 @@ class FinetuneParams(LoopParams):
 
 
 GenerationMetric = Literal["exact_match", "bleu", "rouge_l", "chrf", "rouge", "squad"]
+METRIC_HUB_PREFIX = "hub:"  # tunekit.metric_modules.HUB_PREFIX (not imported: params stays free of evaluate/torch)
+
+
+def _metric_entry(value: str) -> str:
+    """A built-in generation metric, a user's `evaluate` module (a .py file, or a directory holding
+    <dir>.py, relative to the project root) or `hub:<name>` (a Hub metric; online only)."""
+    names = list(get_args(GenerationMetric))
+    if value in names:
+        return value
+    if value.startswith(METRIC_HUB_PREFIX):
+        if not value[len(METRIC_HUB_PREFIX):].strip():
+            raise ValueError("hub: needs a metric name after it, e.g. hub:meteor (online only)")
+        return value
+    path = Path(value)
+    if path.suffix == ".py" or path.is_dir() or len(path.parts) > 1:
+        script = path if path.suffix == ".py" else path / f"{path.name}.py"
+        if not script.is_file():
+            raise ValueError(f"no metric module file {script} (from {Path.cwd()}): name an evaluate module file "
+                             "(a path ending in .py, or a directory holding <dir>.py), relative to the project root")
+        return value
+    guess = closest_key(value, names)
+    raise ValueError(f"unknown metric {value!r}" + (f"; did you mean {guess}?" if guess else "")
+                     + f"; valid: {', '.join(names)}, an evaluate module file (path ending in .py, or a directory "
+                     "holding <dir>.py) or hub:<name> (online only)")
+
+
+MetricEntry = Annotated[str, AfterValidator(_metric_entry)]
 
 
 class CodeTaskParams(Section):
@@ -402,7 +429,7 @@ class EvaluateParams(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     samples: int = Field(1, gt=0)
     stop: list[str] = []
-    metrics: list[GenerationMetric] = Field(["exact_match", "bleu", "rouge_l", "chrf", "rouge"], min_length=1)
+    metrics: list[MetricEntry] = Field(["exact_match", "bleu", "rouge_l", "chrf", "rouge"], min_length=1)
     few_shot: FewShotParams | None = FewShotParams()
     code: CodeTaskParams = CodeTaskParams()
 

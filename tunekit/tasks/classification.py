@@ -143,13 +143,8 @@ def score(outputs, rows, records, spec: TaskSpec, label: str, settings: dict, ou
     scores = [o["scores"] for o in outputs]
     indices = list(range(len(spec.labels)))
     metrics = classification_metrics(y_true, y_pred, None, None if spec.multi_label else indices)
-    try:
-        if spec.multi_label:
-            from sklearn.metrics import roc_auc_score
-
-            metrics["roc_auc"] = float(roc_auc_score(y_true, scores, average="macro"))
-        else:
-            metrics["roc_auc"] = roc_auc(y_true, scores, indices)
+    try:  # multi-label: indicator rows, macro over labels (the roc_auc module tells the two apart)
+        metrics["roc_auc"] = roc_auc(y_true, scores, None if spec.multi_label else indices)
     except ValueError as exc:
         log.info("%s: ROC AUC not reported: %s", label, exc)
     extra = {}

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from tunekit.chat import Encoded, encode_conversation, end_of_turn_marker, pack, preview_html, resolve_chat_template
 from tunekit.checkpoints import CheckpointMeta
 from tunekit.constants import IGNORE_INDEX, MODEL_ORDER, PEFT_METHODS, SPLITS
-from tunekit.generate import (Prompt, few_shot_records, generate_samples, prompts_from_conversations, score_code,
-                              score_generations)
+from tunekit.generate import (Prompt, few_shot_records, generate_samples, load_metrics, prompts_from_conversations,
+                              score_code, score_generations)
+from tunekit.metric_modules import MetricModuleError
 from tunekit.io import atomic_dir, is_merged, not_merged_reason, read_jsonl, write_jsonl
 from tunekit.methods import load_tuned
 from tunekit.models import load_causal_lm, load_tokenizer, resolve_checkpoint
@@ -203,7 +204,10 @@ def score(model, tokenizer, prompts: list[Prompt], loss_rows: list[dict], eot: s
                                    params.do_sample, params.temperature, params.top_p, params.samples, params.stop,
                                    seed=seed, desc=f"generate ({label})")
     references = [p.reference for p in prompts]
-    metrics, per_sample = score_generations(predictions, references, params.metrics)
+    try:
+        metrics, per_sample = score_generations(predictions, references, params.metrics)
+    except MetricModuleError as exc:  # a user's module failed: say which, stop the stage
+        raise SystemExit(f"evaluate ({label}): {exc}") from None
     lm = evaluate_loss(model, loss_rows, tokenizer.pad_token_id, params.batch_size, full_forward)
     metrics.update({"loss": lm["loss"], "perplexity": lm["perplexity"], "examples": len(prompts)})
     rows = [{"id": p.id, "model": label, "prompt": p.text, "reference": p.reference, "prediction": samples[0],
@@ -213,12 +217,17 @@ def score(model, tokenizer, prompts: list[Prompt], loss_rows: list[dict], eot: s
 
 
 SFT_NOTE = ("exact_match, rouge*, squad_* and pass_at_k are 0-1; bleu and chrf are sacrebleu's 0-100; loss is per "
-            "trained token (few_shot: the test answer's tokens after the demonstrations).")
+            "trained token (few_shot: the test answer's tokens after the demonstrations); <module>_<key>: a user's "
+            "evaluate module named in evaluate.metrics.")
 
 
 def evaluate(params, template, task_params, model_dir: Path, data_dir: Path, tokenized_dir: Path, out: Path,
              merged_dir: Path | None, seed: int, task_meta: dict) -> dict:
     """Every model of the lineage through one harness: the same prompts, decoding, metrics and sandbox."""
+    try:  # users' metric modules load (or fail, naming the params key and file) before any model generates
+        load_metrics(params.metrics)
+    except MetricModuleError as exc:
+        raise SystemExit(str(exc)) from None
     tokenizer = load_tokenizer(model_dir)
     chat_template = resolve_chat_template(template.chat_template, tokenizer)
     eot = end_of_turn_marker(tokenizer, chat_template)
