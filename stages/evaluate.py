@@ -12,7 +12,10 @@ tunekit.sandbox. The base is read from the fine-tuned checkpoint's meta.json (it
 Which models are scored and how is the checkpoint's task kind's (tunekit.tasks, meta.json "task"): the
 above for sft (tasks/sft.py); a head kind scores base (the untrained head), tuned and merged with its
 task's metrics; a multi-task checkpoint per task, with results["<model>"]["<task>"], deltas per task
-and a table per task in the report.
+and a table per task in the report. Head kinds also check each model for collapse onto one label
+(task.collapse; a warning in the log, a report section, results["<model>"]["collapsed"] and the
+predicted-label shares, the MLflow tag `collapsed` naming the trained models that did) and report
+per-class scores (docs/tasks.md, "Collapse, class weights and per-class scores").
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ each worker joins a gloo (CPU) or nccl (CUDA) process group, trains its shard of
 checkpoints, outputs, plots, metrics and the MLflow run. Multi-GPU recipes (DDP, FSDP, DeepSpeed):
 docs/multi_gpu.md.
 
+A head kind's run ends with the label-prior check: a warning when, by task.collapse.check_after of the
+planned steps, the validation loss has not fallen below the loss of always predicting the train split's
+label frequencies (metrics label_prior_loss, below_label_prior).
+
 Optional extras (finetune.*): replay rows of general text in every batch, and a forgetting curve
 (probe loss every N steps: MLflow metric `probe_loss`, forgetting_curve.csv/.png under --plots).
 """
