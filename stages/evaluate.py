@@ -12,7 +12,10 @@ tunekit.sandbox. The base is read from the fine-tuned checkpoint's meta.json (it
 Which models are scored and how is the checkpoint's task kind's (tunekit.tasks, meta.json "task"): the
 above for sft (tasks/sft.py); a head kind scores base (the untrained head), tuned and merged with its
 task's metrics; a multi-task checkpoint per task, with results["<model>"]["<task>"], deltas per task
-and a table per task in the report.
+and a table per task in the report. Head kinds also check each model for collapse onto one label
+(task.collapse; a warning in the log, a report section, results["<model>"]["collapsed"] and the
+predicted-label shares, the MLflow tag `collapsed` naming the trained models that did) and report
+per-class scores (docs/tasks.md, "Collapse, class weights and per-class scores").
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from tunekit.checkpoints import CheckpointMeta
 from tunekit.constants import MODEL_ORDER
 from tunekit.io import write_json
 from tunekit.models import set_threads
-from tunekit.params import EvaluateParams, ProjectParams, TaskParams, TemplateParams, load_section
+from tunekit.params import EvaluateParams, ProjectParams, TaskParams, TemplateParams, flatten, load_section
 from tunekit.report import table_rows
 from tunekit.tasks import task_of
 from tunekit.tracking import configure_logging, data_tags, log_datasets, log_metrics, stage_run
@@ -44,6 +47,14 @@ def run(params: EvaluateParams, template: TemplateParams, model_dir: Path, data_
     if task is None and "task" in meta.raw:
         task = load_section("task")
     return kind.evaluate(params, template, task, model_dir, data_dir, tokenized_dir, out, merged_dir, seed, meta.task)
+
+
+def collapsed_models(results: dict) -> list[str]:
+    """The trained models (not the untrained `base`) the task kind found collapsed: "tuned", "merged", or per
+    task of a multi-task checkpoint "tuned.<task>" (results' "collapsed" flags, at any depth)."""
+    return [key.removesuffix(".collapsed") for key, value in flatten("", {k: v for k, v in results.items()
+                                                                          if k in MODEL_ORDER and k != "base"}).items()
+            if key.endswith(".collapsed") and value]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         results = run(params, template, args.model, args.data, args.tokenized, args.out, args.merged, project.seed)
         write_json(args.metrics, results)
         log_metrics(mlflow, {k: v for k, v in results.items() if k != "checkpoints"})
+        collapsed = collapsed_models(results)
+        mlflow.set_tag("collapsed", ", ".join(collapsed) or "none")
         mlflow.log_artifacts(str(args.out), artifact_path="evaluate")
         flat = task_of(CheckpointMeta.read(args.model)).flat_results
         models = {name: results[name] for name in MODEL_ORDER if name in results}

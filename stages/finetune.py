@@ -20,6 +20,10 @@ each worker joins a gloo (CPU) or nccl (CUDA) process group, trains its shard of
 checkpoints, outputs, plots, metrics and the MLflow run. Multi-GPU recipes (DDP, FSDP, DeepSpeed):
 docs/multi_gpu.md.
 
+A head kind's run ends with the label-prior check: a warning when, by task.collapse.check_after of the
+planned steps, the validation loss has not fallen below the loss of always predicting the train split's
+label frequencies (metrics label_prior_loss, below_label_prior).
+
 Optional extras (finetune.*): replay rows of general text in every batch, and a forgetting curve
 (probe loss every N steps: MLflow metric `probe_loss`, forgetting_curve.csv/.png under --plots).
 """
@@ -42,6 +46,7 @@ import torch
 
 from tunekit.card import write_card
 from tunekit.checkpoints import checkpoint_hash, run_key
+from tunekit.collapse import prior_check
 from tunekit.io import atomic_dir, content_hash, read_jsonl, without_timings, write_json, write_meta
 from tunekit.methods import Method, method_for, parameter_counts
 from tunekit.models import compute_device, load_tokenizer, set_threads
@@ -50,7 +55,7 @@ from tunekit.plots import forgetting_curve_png, loss_curve_png, write_csv
 from tunekit.tasks import Task, task_for
 from tunekit.tracking import (configure_logging, data_tags, log_checkpoint, log_curves, log_datasets, log_metrics,
                               stage_run)
-from tunekit.train import BF16_ON_CPU, TrainConfig, barrier, dist_info, replay_lm_rows, train
+from tunekit.train import BF16_ON_CPU, TrainConfig, barrier, dist_info, replay_lm_rows, total_steps, train
 
 log = logging.getLogger("tunekit")
 
@@ -183,7 +188,28 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
         metrics["probe_loss_final"] = state.probes[-1]["probe_loss"]
     if replay_rows:
         metrics["replay_tokens"] = sum(h.get("replay_tokens", 0) for h in state.history)
+    if rank == 0:  # one warning, not one per process
+        metrics.update(prior_loss_check(state.evals, total_steps(len(train_rows), cfg, world), training.prior_loss,
+                                        task_params.collapse))
     return metrics, {"history": state.history, "evals": state.evals, "probes": state.probes}
+
+
+def prior_loss_check(evals: list[dict], planned_steps: int, prior: float | None, params) -> dict:
+    """The collapse warning of a task head (tunekit.collapse.prior_check): a warning in the log when the
+    validation loss did not fall below the loss of always predicting the train split's label frequencies by
+    task.collapse.check_after of the planned steps; the figures as metrics (none when there is no figure)."""
+    check = prior_check(evals, planned_steps, prior, params)
+    if check.get("skipped"):
+        log.info("label-prior check skipped: %s", check["skipped"])
+    if not check["checked"]:
+        return {"label_prior_loss": check["prior"]} if check.get("prior") is not None else {}
+    if check["reason"]:
+        log.warning("finetune: %s", check["reason"])
+    else:
+        log.info("validation loss %.4g by step %d, below the label prior's %.4g: the head learned more than the label "
+                 "frequencies", check["best"], check["step"], check["prior"])
+    return {"label_prior_loss": check["prior"], "below_label_prior": check["below"],
+            "val_loss_at_prior_check": check["best"]}
 
 
 def torchrun_command(processes: int, argv: list[str]) -> list[str]:

@@ -253,6 +253,11 @@ def test_finetune_merge_evaluate_stages(name, two_tasks, base_dir, tmp_path):
     text = (report / "report.md").read_text()
     assert "## topic (classification, weight 1)" in text and "## ner (token_classification, weight 1)" in text
     assert "confusion_topic_tuned.png" in text and (report / "confusion_topic_tuned.png").is_file()
+    # the collapse check and the per-class scores, per task (task.collapse reaches every task)
+    assert "### Collapse check (topic)" in text and "### Per-class scores (ner)" in text
+    if name != "head":
+        assert results["tuned"]["topic"]["collapsed"] == 0 and results["tuned"]["ner"]["collapsed"] == 0
+        assert set(results["tuned"]["ner"]["per_class"]) == {"PER", "LOC"}
     csv = (report / "report.csv").read_text().splitlines()
     assert csv[0].startswith("task,model,") and sum(line.startswith("ner,") for line in csv) == (2 if name == "head" else 3)
     predictions = list(read_jsonl(report / "predictions_tuned.jsonl"))

@@ -154,6 +154,31 @@ class SubTaskParams(Section):
         return value
 
 
+class CollapseParams(Section):
+    """The guard against a task head that predicts one label for (almost) everything (tunekit/collapse.py;
+    each task kind decides what it compares). Evaluate: a model is `collapsed` when its most predicted label
+    takes at least `prediction_share` of the predictions while that label holds less than `reference_share`
+    of the references; token classification also when it predicts fewer entities than `entity_ratio` times
+    the references' (the all-`O` model); qa when it answers "" that way; regression when its predictions
+    spread less than `std_ratio` times the targets. Finetune: by `check_after` of the planned steps the
+    validation loss must have fallen `loss_margin` (relative) below the loss of always predicting the
+    train split's label frequencies (null: no check)."""
+    prediction_share: float = Field(0.95, gt=0, le=1)
+    reference_share: float = Field(0.8, gt=0, le=1)
+    entity_ratio: float = Field(0.05, ge=0, lt=1)
+    std_ratio: float = Field(0.05, ge=0, lt=1)
+    check_after: float | None = Field(0.5, gt=0, le=1)
+    loss_margin: float = Field(0.02, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _prediction_share_above_reference_share(self) -> CollapseParams:
+        if self.prediction_share <= self.reference_share:
+            raise ValueError(f"prediction_share {self.prediction_share} must be above reference_share "
+                             f"{self.reference_share}: otherwise a model that predicts the references' own label "
+                             "frequencies counts as collapsed; e.g. prediction_share: 0.95, reference_share: 0.8")
+        return self
+
+
 class TaskParams(Section):
     """What is trained: generative SFT (the chat pipeline), a head-based task (issue 6), or several head
     tasks on one shared encoder (`type: multi_task` with `tasks`)."""
@@ -166,6 +191,7 @@ class TaskParams(Section):
     n_best: int = Field(20, gt=0)
     max_answer_length: int = Field(30, gt=0)
     loss: Literal["mse", "huber"] = "mse"  # regression: huber is less swayed by outlying targets (delta 1.0)
+    collapse: CollapseParams = CollapseParams()  # every head kind; in a multi-task run it applies to each task
     # validate_default: `type: multi_task` without tasks is reported.
     tasks: dict[Annotated[str, AfterValidator(_task_name)], SubTaskParams] = Field({}, validate_default=True)
 
@@ -202,7 +228,7 @@ class TaskParams(Section):
                   for key in TASK_SETTINGS if key != "labels"}
         if sub.type == "qa":
             fields["class_weights"] = None
-        return TaskParams(type=sub.type, labels=sub.labels, **fields)
+        return TaskParams(type=sub.type, labels=sub.labels, collapse=self.collapse, **fields)
 
 
 class LoraParams(Section):

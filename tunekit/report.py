@@ -47,12 +47,69 @@ def prediction_lines(rows: dict[str, list[dict]], shown: int = 5, heading: str =
     return lines
 
 
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _shares(shares: dict[str, float], shown: int = 5) -> str:
+    items = list(shares.items())
+    text = ", ".join(f"{_cell(label)} {share:.0%}" for label, share in items[:shown])
+    return text + (f", ... ({len(items)} in all)" if len(items) > shown else "")
+
+
+def collapse_banner(results: dict[str, dict], about: str = "") -> list[str]:
+    """A warning line per trained model (not the untrained `base`) that the task kind found collapsed."""
+    return [f"> **Warning: the {name} model{about} collapsed**: it {_cell(m.get('collapse', {}).get('reason'))}. "
+            "Its scores are those of a constant predictor (see the collapse check below)." for name, m in results.items()
+            if name != "base" and m.get("collapsed")]
+
+
+def collapse_lines(results: dict[str, dict], heading: str = "##", about: str = "") -> list[str]:
+    """The collapse check of every model scored (task.collapse): collapsed or not, the most predicted label,
+    its share of predictions and of references, the predicted label distribution and the reason."""
+    checked = {name: m for name, m in results.items() if "collapsed" in m}
+    if not checked:
+        return []
+    lines = [f"{heading} Collapse check{about}", "",
+             "| model | collapsed | most predicted | its share of predictions | its share of references | predicted | why |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in checked.items():
+        c = m.get("collapse", {})
+        if "predicted" in c:
+            predicted = _shares(c["predicted"])
+        else:  # regression: the spread of the predictions against the targets'
+            predicted = "; ".join(f"{_cell(k)}: std {v['prediction_std']:.3g} (targets {v['reference_std']:.3g})"
+                                  for k, v in c.get("spread", {}).items())
+        share = f"{c['prediction_share']:.1%}" if "prediction_share" in c else "-"
+        ref = f"{c['reference_share']:.1%}" if "reference_share" in c else "-"
+        lines.append(f"| {name} | {'**yes**' if m['collapsed'] else 'no'} | {_cell(c.get('label') or '-')} | {share} | "
+                     f"{ref} | {predicted} | {_cell(c.get('reason') or '-')} |")
+    return lines + [""]
+
+
+def per_class_lines(results: dict[str, dict], heading: str = "##", about: str = "") -> list[str]:
+    """Per-label (classification) or per-entity-type (NER) precision / recall / F1 / support of each model."""
+    scored = {name: m["per_class"] for name, m in results.items() if m.get("per_class")}
+    if not scored:
+        return []
+    lines = [f"{heading} Per-class scores{about}", ""]
+    for name, per_class in scored.items():
+        lines += [f"{name}:", "", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {_cell(label)} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |"
+                  for label, row in per_class.items()]
+        lines.append("")
+    return lines
+
+
 def markdown_report(results: dict[str, dict], rows: dict[str, list[dict]], checkpoints: dict[str, str],
                     shown: int = 5, title: str = "# Evaluation on the test split", note: str = "") -> str:
-    lines = [title, "", *markdown_table(results)]
+    banner = collapse_banner(results)
+    lines = [title, "", *([*banner, ""] if banner else []), *markdown_table(results)]
     lines += ["", note, "",
               "checkpoints: " + ", ".join(f"{name} = `{path}`" for name, path in checkpoints.items()), "",
               "![main metrics per model](metrics.png)", ""]
+    lines += collapse_lines(results)
+    lines += per_class_lines(results)
     lines += prediction_lines(rows, shown)
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,9 +215,22 @@ def data_tags(**inputs: Path) -> dict[str, str]:
     return {f"data.{name}": content_hash(path)[:16] for name, path in inputs.items() if Path(path).exists()}
 
 
+def metric_name(key: str) -> str:
+    """One part of a metrics key as MLflow accepts it: characters other than letters, digits, _ - . / : and
+    space (a label name such as "ship?" or "a+b" in evaluate's per-class scores) become _, and so do the
+    runs of . or / that would make an empty path part."""
+    name = re.sub(r"\.{2,}|/{2,}", "_", re.sub(r"[^\w./\- :]", "_", str(key))).strip("/")
+    return "_" if re.fullmatch(r"[./]*", name) else name
+
+
+def _valid_keys(value: Any) -> Any:
+    return {metric_name(k): _valid_keys(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
 def log_metrics(mlflow: Any, metrics: dict[str, Any], prefix: str = "") -> None:
-    """Log the numeric leaves of a (nested) metrics dict; strings and lists are not metrics."""
-    flat = flatten(prefix, metrics)
+    """Log the numeric leaves of a (nested) metrics dict; strings and lists are not metrics. Each key part is
+    made a valid MLflow name (`metric_name`); the parts are joined with "."."""
+    flat = flatten(prefix, _valid_keys(metrics))
     numeric = {key: float(value) for key, value in flat.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     if numeric:

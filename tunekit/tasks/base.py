@@ -28,6 +28,8 @@ class Training:
     method: Any
     meta: dict[str, Any] | None
     loss_unit: str  # "tokens" (SFT) or "loss_units" (examples, windows or labelled tokens)
+    # the loss of always predicting the train split's label frequencies, in the objective's units (None: no check)
+    prior_loss: float | None = None
 
 
 @dataclass(frozen=True)

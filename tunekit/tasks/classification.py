@@ -22,8 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunekit.collapse import majority_check, prior_binary_cross_entropy, prior_cross_entropy
+from tunekit.per_class import label_report
 from tunekit.tasks.heads import (FILE_LINE, HeadKind, TaskDataError, TaskSpec, check_known_labels, encode_texts,
-                                 record_for, records_by_id, register, sort_labels, text_of)
+                                 label_counts, record_for, records_by_id, register, sort_labels, text_of)
 
 log = logging.getLogger("tunekit")
 
@@ -147,6 +149,7 @@ def score(outputs, rows, records, spec: TaskSpec, label: str, settings: dict, ou
         metrics["roc_auc"] = roc_auc(y_true, scores, None if spec.multi_label else indices)
     except ValueError as exc:
         log.info("%s: ROC AUC not reported: %s", label, exc)
+    metrics["per_class"] = label_report(y_true, y_pred, indices, spec.labels)
     extra = {}
     if not spec.multi_label:
         matrix = confusion_matrix(y_true, y_pred, indices)
@@ -163,10 +166,33 @@ def score(outputs, rows, records, spec: TaskSpec, label: str, settings: dict, ou
     return metrics, predictions, extra
 
 
+NO_LABEL = "(none)"  # a multi-label prediction with no label set
+
+
+def _label_key(value: Any) -> str:
+    """One hashable label per prediction: the class, or a multi-label set as "a+b" (the empty set: (none))."""
+    return ("+".join(value) or NO_LABEL) if isinstance(value, list) else str(value)
+
+
+def collapse(predictions, spec: TaskSpec, params) -> dict[str, Any]:
+    """Collapsed: one class (multi-label: one set of labels) for nearly every example while the references vary."""
+    return majority_check([_label_key(p["reference"]) for p in predictions],
+                          [_label_key(p["prediction"]) for p in predictions], params, "examples")
+
+
+def prior_loss(train_rows, spec: TaskSpec) -> float | None:
+    """The loss of always predicting the train label frequencies: their (class-weighted) entropy; multi-label,
+    the mean per-label binary entropy (with pos_weight)."""
+    counts = label_counts(train_rows, len(spec.labels), spec.multi_label)
+    if spec.multi_label:
+        return prior_binary_cross_entropy(counts, len(train_rows), spec.class_weights)
+    return prior_cross_entropy(counts, spec.class_weights)
+
+
 KIND = register(HeadKind(
     name="classification", shape="sequence", auto_class="AutoModelForSequenceClassification",
     pipeline_tag="text-classification", num_labels=lambda spec: len(spec.labels), head_config=head_config,
     custom_head=custom_head, build_labels=build_labels, check_labels=check_labels, row_labels=_row_labels,
     encode=encode, preview=preview, targets=targets, loss=loss, output=output, hard=hard, score=score,
-    main_metric="accuracy",
+    main_metric="accuracy", collapse=collapse, prior_loss=prior_loss,
 ))

@@ -137,6 +137,12 @@ class HeadKind:
     label_info: Callable[[Rows], dict[str, Any]] = lambda train_rows: {}
     # merge check: whether two models' hard predictions are the same (continuous values: within a tolerance)
     agree: Callable[[list[Any], list[Any]], bool] = lambda a, b: a == b
+    # evaluate: whether one model's predictions (score's rows: "reference", "prediction") collapsed onto one label
+    # (tunekit.collapse; task.collapse the thresholds) -> {"collapsed": 0 | 1, "reason": str | None, ...}; None: no check
+    collapse: Callable[[Sequence[dict], TaskSpec, Any], dict[str, Any]] | None = None
+    # finetune: the per-unit loss of always predicting the train split's label frequencies (tokenised rows), the
+    # figure the validation loss must fall below (tunekit.collapse.prior_check); None: no such figure (qa)
+    prior_loss: Callable[[Rows, TaskSpec], float | None] = lambda train_rows, spec: None
 
 
 _KINDS: dict[str, HeadKind] = {}
@@ -173,7 +179,7 @@ def load_labels(tokenized_dir: Path) -> dict[str, Any]:
     return read_json(path)
 
 
-def _label_counts(rows: Sequence[dict], n: int, multi_label: bool) -> list[float]:
+def label_counts(rows: Sequence[dict], n: int, multi_label: bool) -> list[float]:
     counts = [0.0] * n
     for row in rows:
         labels = row["labels"]
@@ -200,7 +206,7 @@ def resolve_class_weights(setting: Any, labels: Sequence[str], train_rows: Seque
         return None
     n = len(labels)
     if setting == "balanced":
-        counts = _label_counts(train_rows, n, multi_label)
+        counts = label_counts(train_rows, n, multi_label)
         if multi_label:
             total = len(train_rows)
             return tuple((total - c) / c if c else 1.0 for c in counts)
@@ -384,7 +390,29 @@ def score_task(model: torch.nn.Module, spec: TaskSpec, rows: Sequence[dict[str, 
         settings["allow_null"] = allow_null
     metrics, predictions, extra = spec.kind.score(outputs, rows, records, spec, label, settings, out_dir)
     metrics.update({"loss": loss, "examples": len(predictions)})
+    if spec.kind.collapse is not None:
+        check_collapse(metrics, predictions, spec, label, getattr(task_params, "collapse", None))
     return metrics, predictions, extra
+
+
+def check_collapse(metrics: dict[str, Any], predictions: Sequence[dict[str, Any]], spec: TaskSpec, label: str,
+                   params: Any = None) -> None:
+    """Add metrics["collapsed"] (0 | 1) and metrics["collapse"] (the predicted and reference label shares,
+    the reason) from the kind's check; a collapsed trained model is a warning in the log, the untrained
+    head (`base`, which often predicts one label) an info line."""
+    from tunekit.params import CollapseParams
+
+    check = dict(spec.kind.collapse(predictions, spec, params or CollapseParams()))
+    metrics["collapsed"] = int(check.pop("collapsed"))
+    metrics["collapse"] = check
+    if metrics["collapsed"]:
+        if label == "base":
+            log.info("%s (the untrained %s head) %s: collapsed, as an untrained head often is", label, spec.type,
+                     check["reason"])
+        else:
+            log.warning("COLLAPSED: the %s %s model %s. Its scores are those of a constant; see the collapse "
+                        "section of the evaluate report and docs/tasks.md (\"Collapse\")", label, spec.type,
+                        check["reason"])
 
 
 def records_by_id(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -27,7 +27,8 @@ from tunekit.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from tunekit.modeling import MODEL_INPUTS, MultiTaskModel, TaskError, load_multitask_backbone, lora_targets, one_task
 from tunekit.models import load_tokenizer
 from tunekit.plots import write_csv
-from tunekit.report import flat_task_results, markdown_table, metrics_png, prediction_lines, table_rows
+from tunekit.report import (collapse_banner, collapse_lines, flat_task_results, markdown_table, metrics_png, per_class_lines,
+                            prediction_lines, table_rows)
 from tunekit.tasks.base import CardFacts, MergeCheck, Task, Training, check_rows, learned_gate
 from tunekit.tasks.heads import (FILE_LINE, TaskDataError, TaskObjective, TaskSpec, collate_task, head_kind,
                                  load_labels, load_multitask_model, loss_from_outputs, max_logit_difference, predict,
@@ -376,7 +377,11 @@ def evaluate(params, template, task_params, model_dir: Path, data_dir: Path, tok
             columns, table = table_rows(per_model)
             csv_rows += [{"task": name, **row} for row in table]
             csv_columns += [c for c in columns if c not in csv_columns]
-            report += [f"## {name} ({spec.type}, weight {meta['weights'].get(name, 1.0):g})", "", *markdown_table(per_model), ""]
+            banner = collapse_banner(per_model, about=f" ({name})")
+            report += [f"## {name} ({spec.type}, weight {meta['weights'].get(name, 1.0):g})", "",
+                       *([*banner, ""] if banner else []), *markdown_table(per_model), ""]
+            report += collapse_lines(per_model, heading="###", about=f" ({name})")
+            report += per_class_lines(per_model, heading="###", about=f" ({name})")
             report += [f"![confusion matrix ({name}, {label})](confusion_{name}_{label}.png)\n"
                        for label in matrices.get(name, {}) if label != "labels"]
             report += prediction_lines({label: [p for p in examples if p["task"] == name]

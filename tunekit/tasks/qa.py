@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunekit.collapse import majority_check
 from tunekit.modeling import real_positions
 from tunekit.tasks.heads import (HeadKind, TaskDataError, TaskError, TaskSpec, encoding_fields, records_by_id, register,
                                  trim_span)
@@ -169,6 +170,18 @@ def score(outputs, rows, records, spec: TaskSpec, label: str, settings: dict, ou
     return metrics, predictions, {}
 
 
+NO_ANSWER, ANSWERED = "(no answer)", "(an answer)"
+
+
+def collapse(predictions, spec: TaskSpec, params) -> dict[str, Any]:
+    """Collapsed: the empty answer for nearly every question while most questions have an answer."""
+    check = majority_check([ANSWERED if p["reference"] else NO_ANSWER for p in predictions],
+                           [ANSWERED if str(p["prediction"]).strip() else NO_ANSWER for p in predictions], params, "questions")
+    if check["label"] != NO_ANSWER:  # answering every question is no collapse (no_answer_* scores show it)
+        check.update(collapsed=0, reason=None)
+    return check
+
+
 def build_labels(train_rows, task_params, train_file: str = "train.jsonl") -> tuple[list[str], bool]:
     return [], False
 
@@ -250,5 +263,5 @@ KIND = register(HeadKind(
     num_labels=lambda spec: 2, head_config=lambda spec: {}, custom_head=lambda spec: False, build_labels=build_labels,
     check_labels=check_labels, row_labels=lambda row: [], encode=encode, preview=preview, targets=targets, loss=loss,
     output=output, hard=hard, score=score, main_metric="squad_f1", split_stats=split_stats, finish_metrics=finish_metrics,
-    score_settings=score_settings, labelled=False, class_weights=False,
+    score_settings=score_settings, labelled=False, class_weights=False, collapse=collapse,
 ))

@@ -149,11 +149,42 @@ def score(outputs, rows, records, spec: TaskSpec, label: str, settings: dict, ou
     return metrics, predictions, {}
 
 
+def collapse(predictions, spec: TaskSpec, params) -> dict[str, Any]:
+    """Collapsed: predictions (nearly) constant for a target the references vary on (task.collapse.std_ratio)."""
+    from tunekit.collapse import spread_check, std
+
+    def column(rows, key, i):
+        return [row[key] if len(spec.labels) == 1 else row[key][i] for row in rows]
+
+    reasons, spread = [], {}
+    for i, name in enumerate(spec.labels):
+        true, pred = column(predictions, "reference", i), column(predictions, "prediction", i)
+        why = spread_check(true, pred, params.std_ratio, name if len(spec.labels) > 1 else "")
+        spread[name] = {"prediction_std": std(pred), "reference_std": std(true)}
+        if why:
+            reasons.append(why)
+    return {"collapsed": int(bool(reasons)), "reason": "; ".join(reasons) or None, "spread": spread}
+
+
+def prior_loss(train_rows, spec: TaskSpec) -> float | None:
+    """The loss of always predicting the train split's mean (0 on the standardised targets the head predicts)."""
+    if not train_rows:
+        return None
+    mean = spec.target_mean or [0.0] * len(spec.labels)
+    std = spec.target_std or [1.0] * len(spec.labels)
+    total = 0.0
+    for row in train_rows:
+        z = [(v - m) / (s or 1.0) for v, m, s in zip(row["labels"], mean, std)]
+        per_target = [min(abs(x), 1.0) * (abs(x) - 0.5 * min(abs(x), 1.0)) if spec.loss == "huber" else x * x for x in z]
+        total += sum(per_target) / len(per_target)
+    return total / len(train_rows)
+
+
 KIND = register(HeadKind(
     name="regression", shape="sequence", auto_class="AutoModelForSequenceClassification",
     pipeline_tag="text-classification", num_labels=lambda spec: len(spec.labels), head_config=head_config,
     custom_head=custom_head, build_labels=build_labels, check_labels=check_labels, row_labels=lambda row: [],
     encode=encode, preview=preview, targets=targets, loss=loss, output=output, hard=hard, score=score,
     main_metric="pearson", split_stats=split_stats, labelled=False, class_weights=False, agree=agree,
-    spec_extra=spec_extra, label_info=label_info,
+    spec_extra=spec_extra, label_info=label_info, collapse=collapse, prior_loss=prior_loss,
 ))

@@ -82,7 +82,8 @@ def head_task(kind: HeadKind) -> Task:
     def training(task_params, params, method, model_dir: Path, data_dir: Path, train_rows: list[dict]) -> Training:
         spec = task_spec(task_params, load_labels(data_dir), model_dir, train_rows)
         log_spec(spec)
-        return Training(TaskObjective(spec), task_method(method, spec), spec.to_meta(), "loss_units")
+        return Training(TaskObjective(spec), task_method(method, spec), spec.to_meta(), "loss_units",
+                        kind.prior_loss(train_rows, spec))
 
     def retarget(method, task_meta: dict) -> Any:
         return task_method(method, TaskSpec.from_meta(task_meta))

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunekit.collapse import count_check, majority_check, prior_cross_entropy
 from tunekit.constants import IGNORE_INDEX
 from tunekit.modeling import real_positions
-from tunekit.tasks.heads import (HeadKind, TaskDataError, TaskSpec, check_known_labels, record_for, records_by_id,
-                                 register, sort_labels, trim_span)
+from tunekit.per_class import entity_report
+from tunekit.tasks.heads import (HeadKind, TaskDataError, TaskSpec, check_known_labels, label_counts, record_for,
+                                 records_by_id, register, sort_labels, trim_span)
 
 
 def _row_labels(row: dict) -> list[str]:
@@ -201,7 +203,33 @@ def score(outputs, rows, records, spec: TaskSpec, label: str, settings: dict, ou
     metrics = {f"entity_{k}": v for k, v in entity_metrics(true_tags, pred_tags).items()}
     metrics["tag_accuracy"] = accuracy([t for s in true_tags for t in s], [t for s in pred_tags for t in s])
     metrics["truncated_words"] = float(cut)
+    metrics["per_class"] = entity_report(true_tags, pred_tags)
     return metrics, predictions, {}
+
+
+def collapse(predictions, spec: TaskSpec, params) -> dict[str, Any]:
+    """Collapsed: one tag on nearly every word while the references vary (task.collapse prediction_share /
+    reference_share), or far fewer predicted entities than the references hold (entity_ratio): the all-O
+    model, whose tag accuracy is the share of O."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    true = [list(p["reference"]) for p in predictions]
+    pred = [list(p["prediction"]) for p in predictions]
+    check = majority_check([t for s in true for t in s], [t for s in pred for t in s], params, "words")
+    check["reference_entities"], check["predicted_entities"] = len(get_entities(true)), len(get_entities(pred))
+    few = count_check(check["reference_entities"], check["predicted_entities"], params.entity_ratio, "entities",
+                      "entity_ratio")
+    if few:
+        shares = (f"{check['label']!r} on {check['prediction_share']:.0%} of the words, "
+                  f"{check['reference_share']:.0%} in the references")
+        check["reason"] = f"{check['reason']}; it {few}" if check["collapsed"] else f"{few} ({shares})"
+        check["collapsed"] = 1
+    return check
+
+
+def prior_loss(train_rows, spec: TaskSpec) -> float | None:
+    """The loss per labelled token of always predicting the train tag frequencies (class-weighted with task.class_weights)."""
+    return prior_cross_entropy(label_counts(train_rows, len(spec.labels), False), spec.class_weights)
 
 
 KIND = register(HeadKind(
@@ -209,5 +237,5 @@ KIND = register(HeadKind(
     pipeline_tag="token-classification", num_labels=lambda spec: len(spec.labels), head_config=head_config,
     custom_head=lambda spec: False, build_labels=build_labels, check_labels=check_labels, row_labels=_row_labels,
     encode=encode, preview=preview, targets=targets, loss=loss, output=output, hard=hard, score=score, count=count,
-    main_metric="entity_f1", split_stats=split_stats,
+    main_metric="entity_f1", split_stats=split_stats, collapse=collapse, prior_loss=prior_loss,
 ))
