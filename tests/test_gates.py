@@ -66,16 +66,20 @@ def test_bad_gates_are_reported_with_their_name_at_params_validation():
                                           ("qa", "squad_f1"), ("regression", "pearson")])
 def test_each_head_kinds_default_gate_passes_a_head_that_learned_and_stops_an_untrained_one(kind, metric):
     gates = TASKS[kind].gates({"type": kind})
-    learned = {"evaluate": {"base": {metric: 0.31}, "merged": {metric: 0.93}}}
-    untrained = {"evaluate": {"base": {metric: 0.31}, "merged": {metric: 0.35}}}
+    assert sorted(gates) == ["learned", "not_collapsed"]
+    learned = {"evaluate": {"base": {metric: 0.31}, "merged": {metric: 0.93, "collapsed": 0}}}
+    untrained = {"evaluate": {"base": {metric: 0.31}, "merged": {metric: 0.35, "collapsed": 0}}}
+    # a model that predicts one label everywhere can still beat the untrained head's main metric: it does not ship
+    collapsed = {"evaluate": {"base": {metric: 0.31}, "merged": {metric: 0.93, "collapsed": 1}}}
     assert failures(evaluate_gates(gates, learned, "merged")) == []
     assert [f["gate"] for f in failures(evaluate_gates(gates, untrained, "merged"))] == ["learned"]
+    assert [f["gate"] for f in failures(evaluate_gates(gates, collapsed, "merged"))] == ["not_collapsed"]
 
 
 def test_multi_task_gates_hold_every_tasks_head_to_its_own_metric():
     task_meta = {"type": "multi_task", "tasks": {"topic": {"type": "classification"}, "ner": {"type": "token_classification"}}}
     gates = TASKS["multi_task"].gates(task_meta)
-    assert sorted(gates) == ["learned_ner", "learned_topic"]
+    assert sorted(gates) == ["learned_ner", "learned_topic", "not_collapsed_ner", "not_collapsed_topic"]
     metrics = {"evaluate": {"base": {"topic": {"accuracy": 0.25}, "ner": {"entity_f1": 0.0}},
-                            "merged": {"topic": {"accuracy": 1.0}, "ner": {"entity_f1": 0.05}}}}
-    assert [f["gate"] for f in failures(evaluate_gates(gates, metrics, "merged"))] == ["learned_ner"]
+                            "merged": {"topic": {"accuracy": 1.0, "collapsed": 0}, "ner": {"entity_f1": 0.05, "collapsed": 1}}}}
+    assert [f["gate"] for f in failures(evaluate_gates(gates, metrics, "merged"))] == ["learned_ner", "not_collapsed_ner"]

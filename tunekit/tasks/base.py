@@ -97,6 +97,12 @@ def learned_gate(metric: str, prefix: str = "") -> str:
     return (f"evaluate.shipped.{prefix}{metric} >= evaluate.base.{prefix}{metric} + {HEAD_LEARNED_MARGIN}")
 
 
+def not_collapsed_gate(prefix: str = "") -> str:
+    """The gate expression "the shipped model did not collapse onto one label" (its kind's collapse check, evaluate's
+    `collapsed` flag): a model that scores like a constant does not ship even where its main metric looks fine."""
+    return f"evaluate.shipped.{prefix}collapsed <= 0"
+
+
 def identity(results: dict[str, dict]) -> dict[str, dict]:
     return results
 

@@ -29,7 +29,7 @@ from tunekit.models import load_tokenizer
 from tunekit.plots import write_csv
 from tunekit.report import (collapse_banner, collapse_lines, flat_task_results, markdown_table, metrics_png, per_class_lines,
                             prediction_lines, table_rows)
-from tunekit.tasks.base import CardFacts, MergeCheck, Task, Training, check_rows, learned_gate
+from tunekit.tasks.base import CardFacts, MergeCheck, Task, Training, check_rows, learned_gate, not_collapsed_gate
 from tunekit.tasks.heads import (FILE_LINE, TaskDataError, TaskObjective, TaskSpec, collate_task, head_kind,
                                  load_labels, load_multitask_model, loss_from_outputs, max_logit_difference, predict,
                                  predicted_classes, preview_html, score_task, select_test_rows, task_spec,
@@ -400,9 +400,15 @@ def evaluate(params, template, task_params, model_dir: Path, data_dir: Path, tok
 
 
 def gates(task_meta: dict) -> dict[str, str]:
-    """Every task's head must have learned: its kind's main metric beats the untrained head's."""
-    return {f"learned_{name}": learned_gate(head_kind(spec["type"]).main_metric, prefix=f"{name}.")
-            for name, spec in sorted((task_meta.get("tasks") or {}).items())}
+    """Every task's head must have learned (its kind's main metric beats the untrained head's) and, where its kind
+    checks for it, not collapsed onto one label."""
+    gates = {}
+    for name, spec in sorted((task_meta.get("tasks") or {}).items()):
+        kind = head_kind(spec["type"])
+        gates[f"learned_{name}"] = learned_gate(kind.main_metric, prefix=f"{name}.")
+        if kind.collapse is not None:
+            gates[f"not_collapsed_{name}"] = not_collapsed_gate(prefix=f"{name}.")
+    return gates
 
 
 def card(task_meta: dict) -> CardFacts:

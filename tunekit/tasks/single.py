@@ -13,7 +13,7 @@ from tunekit.models import load_tokenizer, resolve_checkpoint
 from tunekit.plots import write_csv
 from tunekit.report import markdown_report, metrics_png, table_rows
 from tunekit.tasks.base import (CardFacts, MergeCheck, Task, Training, check_rows, identity, ingest_inputs, ingest_tags,
-                                learned_gate)
+                                learned_gate, not_collapsed_gate)
 from tunekit.tasks.heads import (HeadKind, TaskObjective, TaskSpec, load_labels, load_task_base, load_task_model,
                                  max_logit_difference, predict, predicted_classes, score_task, select_test_rows,
                                  task_method, task_spec, tokenize_task)
@@ -159,6 +159,7 @@ def head_task(kind: HeadKind) -> Task:
 
     return Task(name=kind.name, ingest=ingest_inputs, ingest_tags=ingest_tags, tokenize=tokenize, template_summary=summary,
                 training=training, retarget=retarget, merge_check=merge_check, evaluate=evaluate, flat_results=identity,
-                card=card, gates=lambda task_meta: {"learned": learned_gate(kind.main_metric)},
+                card=card, gates=lambda task_meta: {"learned": learned_gate(kind.main_metric),
+                                                  **({"not_collapsed": not_collapsed_gate()} if kind.collapse else {})},
                 no_general_text=NO_GENERAL_TEXT, no_gguf=NO_GGUF)
 
