@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tunekit.io import read_meta
+
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -319,6 +321,22 @@ def pack_corpus(inputs: str | Path, tokenizer, block_size: int, validation: floa
 
 
 # ---------------------------------------------------------------- reading packed blocks
+
+
+def open_packed(packed: Path, expected: dict) -> tuple[dict, Blocks, Blocks]:
+    """(the pack stage's meta.json, train blocks, validation blocks), memory-mapped. TextError naming the fix
+    when `packed` is no packing, a packing made while dapt was off, or one made with other `expected` params."""
+    meta = read_meta(packed)
+    if meta is None or meta.get("stage") != "pack":
+        raise TextError(f"{packed} is not the output of the pack stage (no meta.json from it): run `dvc repro pack`")
+    if not meta.get("enabled"):
+        raise TextError(f"{packed} was written with dapt.enabled false (nothing tokenised): run `dvc repro pack` "
+                        "(or `python -m stages.pack`) with dapt.enabled true first")
+    stale = [f"dapt.{key} {value!r} (packed with {meta['params'].get(key)!r})" for key, value in expected.items()
+             if meta["params"].get(key) != value]
+    if stale:
+        raise TextError(f"{packed} was packed with other params: {', '.join(stale)}; re-run the pack stage (`dvc repro pack`)")
+    return meta, Blocks(Path(packed) / "train"), Blocks(Path(packed) / "validation")
 
 
 class Blocks(Sequence):
