@@ -321,3 +321,13 @@ def test_dvc_keeps_the_packed_blocks_when_only_training_params_change(tiny_model
     assert "Data and pipelines are up to date" in dvc("status", "pack")
     write_params(root, tiny_model_dir, dapt={"block_size": 16})
     assert "changed" in dvc("status", "pack") and "dapt.block_size" in dvc("status", "pack")
+
+
+def test_pack_without_validation_or_without_a_single_block(smollm2_tokenizer, tiny_model_dir, tmp_path):
+    inputs = domain_corpus(tmp_path)
+    counts = text.pack_corpus(inputs, smollm2_tokenizer, 64, 0.0, tmp_path / "a", tmp_path / "a-scratch")
+    assert counts["validation_blocks"] == 0 and len(Blocks(tmp_path / "a/validation")) == 0  # an empty split loads
+    assert ids_of(Blocks(tmp_path / "a/train")) == ids_of(reference_split(inputs, smollm2_tokenizer, 64, 0.0)[0][0])
+    with pytest.raises(SystemExit, match="make no block of dapt.block_size 100000 to train on"):
+        pack_stage.run(small_params(inputs, block_size=100_000), tiny_model_dir, tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()

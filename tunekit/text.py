@@ -156,9 +156,9 @@ def split_blocks(blocks: Sequence[dict], validation: float) -> tuple[list[dict],
 # file, tokenised by a batched `Dataset.map` over `num_proc` processes, and cut into blocks by a second
 # map that knows where each document starts in the joined stream (a prefix sum over the documents'
 # lengths), so every batch packs its own blocks and the result does not depend on the batching or on
-# `num_proc`. Memory beyond a constant: 16 bytes per document (the starts) and 40 per block (the digest
-# that chooses the validation share, and the row index of the split), e.g. ~170 MB for 1B tokens in blocks
-# of 256. Every intermediate file lies under `scratch`, which the caller deletes.
+# `num_proc`. Memory beyond a constant: 16 bytes per document (lengths and starts) and about 50 per block
+# (the digest that chooses the validation share, its sort order and the row indices of the splits), e.g.
+# ~230 MB for 1B tokens in blocks of 256 from 2M documents. Every intermediate file lies under `scratch`, which the caller deletes.
 
 SPLITS = ("train", "validation")
 PACK_BATCH = 1000  # documents per map batch
@@ -249,7 +249,7 @@ def held_out(digests: np.ndarray, validation: float) -> np.ndarray:
 
 def _column_2d(dataset, name: str, width: int, dtype) -> np.ndarray:
     chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in dataset.data.column(name).chunks if len(c)]
-    return np.concatenate(chunks).astype(dtype).reshape(-1, width) if chunks else np.zeros((0, width), dtype)
+    return np.concatenate(chunks).astype(dtype, copy=False).reshape(-1, width) if chunks else np.zeros((0, width), dtype)
 
 
 def canonicalise_saved(path: Path, split: str, description: str) -> None:
@@ -312,9 +312,12 @@ def pack_corpus(inputs: str | Path, tokenizer, block_size: int, validation: floa
     mask = held_out(_column_2d(blocks, "digest", 4, np.uint64), validation)
     blocks = blocks.with_format(None).select_columns(["input_ids"])
     for split, keep in zip(SPLITS, (~mask, mask)):
-        part = blocks.select(np.flatnonzero(keep), indices_cache_file_name=str(scratch / f"{split}.indices.arrow"),
-                             new_fingerprint=f"{split}-indices")
-        part.save_to_disk(str(Path(out) / split))
+        if keep.any():
+            part = blocks.select(np.flatnonzero(keep), indices_cache_file_name=str(scratch / f"{split}.indices.arrow"),
+                                 new_fingerprint=f"{split}-indices")
+        else:  # `save_to_disk` writes no shard for an empty selection, and `load_from_disk` then fails
+            part = datasets.Dataset.from_dict({"input_ids": []}, features=block_features(block_size))
+        part.save_to_disk(str(Path(out) / split), num_shards=None if keep.any() else 1)
         canonicalise_saved(Path(out) / split, split, f"tunekit pack: {split} blocks of {block_size} tokens")
     return {"documents": len(lengths), "tokens": stream_len, "blocks": len(mask),
             "train_blocks": int((~mask).sum()), "validation_blocks": int(mask.sum())}
