@@ -31,7 +31,7 @@ from tunekit.io import git_commit
 from tunekit.params import ParamsError, ProjectParams, flatten, load_all
 from tunekit.tracking import PARENT_RUN_ENV, log_metrics, process_tags, setup_mlflow
 
-STAGES = ("demo", "base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting", "export")
+STAGES = ("demo", "base", "ingest", "template", "pack", "dapt", "finetune", "merge", "evaluate", "forgetting", "export")
 LOCK_MESSAGE = "Unable to acquire lock"  # DVC's repository lock (.dvc/tmp/lock)
 BUSY_MESSAGE = "is busy, it is being blocked by"  # DVC's lock on a running stage's deps and outs (.dvc/tmp/rwlock)
 

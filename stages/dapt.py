@@ -1,12 +1,12 @@
 """Stage `dapt`: domain-adaptive continued pretraining of the base on raw domain text.
 
-    python -m stages.dapt --model models/base --out models/dapt --metrics metrics/dapt.json \
+    python -m stages.dapt --model models/base --data data/packed --out models/dapt --metrics metrics/dapt.json \
         --plots reports/dapt --checkpoints checkpoints/dapt
 
-The documents of `dapt.inputs` (.txt: documents separated by blank lines; .jsonl: {"text": ...} per
-line) are packed into blocks of `dapt.block_size` tokens with eos between documents, and the model
-learns every token but each block's first, with `dapt.method` (lora or full). A share of the blocks
-(`dapt.validation`) is held out: its perplexity before and after is the stage's headline number.
+The `pack` stage has tokenised the documents of `dapt.inputs` into blocks of `dapt.block_size` tokens with
+eos between documents (<data>/train and <data>/validation, `datasets` on disk); this stage reads them
+memory-mapped, and the model learns every token but each block's first, with `dapt.method` (lora or
+full). The held-out share (`dapt.validation`): its perplexity before and after is the stage's headline number.
 `dapt.replay_ratio` mixes general text (pydoc prose) into training against forgetting. A LoRA run is
 merged, so the output is always a plain full checkpoint that later stages load like the base.
 
@@ -28,17 +28,18 @@ import torch
 
 from tunekit.checkpoints import checkpoint_hash, run_key
 from tunekit.forgetting import load_probe
-from tunekit.io import atomic_dir, content_hash, without_timings, write_json, write_meta
+from tunekit.io import atomic_dir, read_meta, without_timings, write_json, write_meta
 from tunekit.methods import get_method, parameter_counts
 from tunekit.models import PASSTHROUGH, compute_device, load_causal_lm, load_tokenizer, set_threads
 from tunekit.params import DaptParams, FinetuneParams, ProjectParams, load_section
 from tunekit.plots import loss_curve_png, write_csv
-from tunekit.text import TextError, load_documents, pack, pack_documents, split_blocks
-from tunekit.tracking import configure_logging, data_tags, log_curves, log_metrics, stage_run
+from tunekit.text import Chained, TextError, open_packed, pack
+from tunekit.tracking import configure_logging, log_curves, log_metrics, stage_run
 from tunekit.train import BF16_ON_CPU, TrainConfig, evaluate_loss, train
 
 log = logging.getLogger("tunekit")
 
+PACKED_PARAMS = ("inputs", "block_size", "validation")  # what the pack stage's blocks were made with
 REPLAY_PROBE = "pydoc"  # general text replayed against forgetting: tunekit.forgetting's default probe
 
 
@@ -77,7 +78,8 @@ def pass_through(params: DaptParams, model_dir: Path, out: Path, plots: Path) ->
     return {"enabled": 0}
 
 
-def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, checkpoints: Path) -> tuple[dict, dict]:
+def run(params: DaptParams, seed: int, model_dir: Path, packed: Path, out: Path, plots: Path,
+        checkpoints: Path) -> tuple[dict, dict]:
     if not params.enabled:
         log.info("dapt.enabled is false: %s passes %s through unchanged (no weights copied)", out, model_dir)
         return pass_through(params, model_dir, out, plots), {"history": [], "evals": []}
@@ -91,21 +93,17 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
     pad_id = tokenizer.pad_token_id
 
     try:
-        documents = load_documents(params.inputs)
-        blocks, stream_tokens = pack_documents([doc.text for doc in documents], tokenizer, params.block_size)
+        meta, train_blocks, val_blocks = open_packed(packed, {k: getattr(params, k) for k in PACKED_PARAMS})
     except TextError as exc:
-        raise SystemExit(f"dapt.inputs: {exc}") from None
-    train_blocks, val_blocks = split_blocks(blocks, params.validation)
-    if not train_blocks:
-        raise SystemExit(f"dapt.inputs {params.inputs}: {stream_tokens} tokens make no block of dapt.block_size "
-                         f"{params.block_size} to train on; add text or lower dapt.block_size")
+        raise SystemExit(str(exc)) from None
     replay = replay_blocks(tokenizer, params.block_size, round(params.replay_ratio * len(train_blocks)))
-    train_rows = train_blocks + replay
+    train_rows = Chained(train_blocks, replay)
     scored = val_blocks or train_blocks  # perplexity before/after: held-out blocks, else the training blocks
     if not val_blocks:
         log.warning("dapt.validation is 0 (or too few blocks): perplexity before/after is measured on the training blocks")
-    log.info("%d documents, %d tokens -> %d blocks of %d (%d train, %d validation) + %d replay blocks",
-             len(documents), stream_tokens, len(blocks), params.block_size, len(train_blocks), len(val_blocks), len(replay))
+    log.info("%d documents, %d tokens -> %d blocks of %d (%d train, %d validation; packed in %s) + %d replay blocks",
+             meta["documents"], meta["tokens"], meta["blocks"], params.block_size, len(train_blocks), len(val_blocks),
+             packed, len(replay))
 
     method = get_method(params.method)
     model = method.prepare(load_causal_lm(model_dir, device=device), FinetuneParams(method=params.method, lora=params.lora))
@@ -113,7 +111,7 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
     before = evaluate_loss(model, scored, pad_id, params.batch_size)
     log.info("domain perplexity before: %.3f", before["perplexity"])
 
-    data_hash = blocks_hash(train_rows + val_blocks)
+    data_hash = hashlib.sha256(f"{meta['hash']} {blocks_hash(replay)}".encode()).hexdigest()  # packed blocks + replay
     ckpt_dir = checkpoints / run_key(params.model_dump(), seed, checkpoint_hash(model_dir), data_hash)
     cfg = TrainConfig(**params.loop_config(), lr=params.learning_rate, seed=seed)
     train_started = time.perf_counter()
@@ -130,7 +128,7 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "history.json", {"train": state.history, "validation": state.evals})
         write_meta(tmp, "dapt", {"seed": seed, **params.model_dump(), "lr": cfg.lr}, parent=model_dir,
-                   data={"blocks": data_hash, "inputs": content_hash(Path(params.inputs))},
+                   data={"blocks": data_hash, "packed": meta["hash"], "inputs": meta["data"]["inputs"]},
                    extra={"method": params.method, "merged": method.saves_adapter})
     write_plots(plots, state.history, state.evals, f"dapt ({params.method})")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -138,9 +136,9 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
     metrics = {
         "enabled": 1,
         **counts,
-        "documents": len(documents),
-        "tokens": stream_tokens,
-        "blocks": len(blocks),
+        "documents": meta["documents"],
+        "tokens": meta["tokens"],
+        "blocks": meta["blocks"],
         "train_blocks": len(train_blocks),
         "validation_blocks": len(val_blocks),
         "replay_blocks": len(replay),
@@ -163,6 +161,7 @@ def run(params: DaptParams, seed: int, model_dir: Path, out: Path, plots: Path, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="base checkpoint directory")
+    parser.add_argument("--data", type=Path, required=True, help="the pack stage's output (packed train/validation blocks)")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True, help="directory for loss CSVs and PNG")
@@ -172,9 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     project: ProjectParams = load_section("project")
     params: DaptParams = load_section("dapt")
 
-    tags = {"enabled": str(params.enabled).lower(), "method": params.method, **data_tags(inputs=Path(params.inputs))}
+    tags = {"enabled": str(params.enabled).lower(), "method": params.method}
+    if params.enabled and (read_meta(args.data) or {}).get("enabled"):
+        tags["data.inputs"] = read_meta(args.data)["data"]["inputs"][:16]
     with stage_run("dapt", project.experiment, params, tags=tags, system_metrics=params.enabled) as mlflow:
-        metrics, curves = run(params, project.seed, args.model, args.out, args.plots, args.checkpoints)
+        metrics, curves = run(params, project.seed, args.model, args.data, args.out, args.plots, args.checkpoints)
         write_json(args.metrics, without_timings(metrics))
         log_metrics(mlflow, metrics)
         log_curves(mlflow, curves)

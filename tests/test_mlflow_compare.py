@@ -32,7 +32,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-dev-shm-usage", "--hide-scrollbars"]
 EXPERIMENT = "e2e"
 VARIANTS = {"lora-r4": {"method": "lora"}, "full-lr5e-4": {"method": "full", "lr": 5e-4}}
-ALL_STAGES = {"base", "ingest", "template", "dapt", "finetune", "merge", "evaluate", "forgetting", "export"}
+ALL_STAGES = {"base", "ingest", "template", "pack", "dapt", "finetune", "merge", "evaluate", "forgetting", "export"}
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-STAGE_RUNS = {"base", "ingest", "template", "dapt", "finetune", "evaluate", "merge", "forgetting", "export"}
+STAGE_RUNS = {"base", "ingest", "template", "pack", "dapt", "finetune", "evaluate", "merge", "forgetting", "export"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
 
 
