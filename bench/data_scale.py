@@ -93,13 +93,10 @@ def documents(words_total: int, seed: int = 1, words: list[str] | None = None):
 
 
 def write_jsonl(path: Path, rows) -> int:
+    from tunekit.io import write_jsonl as write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    return count
+    return write(path, rows)
 
 
 # ---------------------------------------------------------------- measured children

@@ -56,3 +56,23 @@ def tiny_model_dir(smollm2_tokenizer, tmp_path_factory: pytest.TempPathFactory) 
     tiny_llama(len(smollm2_tokenizer)).save_pretrained(path, safe_serialization=True)
     smollm2_tokenizer.save_pretrained(path)
     return path
+
+
+def train_sentencepiece(path: Path, **settings) -> Path:
+    """A small BPE SentencePiece model trained on Python's own documentation in a second, in the Llama-2 style
+    (byte fallback, dummy prefix, whitespace kept) unless `settings` say otherwise; written to `path`."""
+    import io
+
+    import pydoc_data.topics
+    import sentencepiece
+
+    text = "".join(pydoc_data.topics.topics.values())[:60_000]
+    model = io.BytesIO()
+    options = dict(model_type="bpe", vocab_size=1000, byte_fallback=True, character_coverage=1.0, split_digits=True,
+                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False,
+                   num_threads=1, minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(line for line in text.splitlines() if line.strip()), model_writer=model,
+        **{**options, **settings})
+    path.write_bytes(model.getvalue())
+    return path

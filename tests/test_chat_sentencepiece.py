@@ -8,14 +8,12 @@ tokenizer.model (Metaspace pre-tokenizer; legacy=True prepends the "▁" after e
 
 from __future__ import annotations
 
-import io
 import shutil
 
-import pydoc_data.topics
 import pytest
-import sentencepiece
 from transformers import AddedToken, BertGenerationTokenizer, LlamaTokenizerFast
 
+from tests.conftest import train_sentencepiece
 from tests.test_chat import trained_runs
 from tunekit.chat import IGNORE_INDEX, encode_conversation, end_of_turn_marker, pack, render
 
@@ -80,16 +78,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> str:
-    text = "".join(pydoc_data.topics.topics.values())[:60_000]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(line for line in text.splitlines() if line.strip()), model_writer=model,
-        model_type="bpe", vocab_size=1000, byte_fallback=True, character_coverage=1.0, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        num_threads=1, minloglevel=2,
-    )
-    path = tmp_path_factory.mktemp("sentencepiece") / "tokenizer.model"
-    path.write_bytes(model.getvalue())
+    path = train_sentencepiece(tmp_path_factory.mktemp("sentencepiece") / "tokenizer.model")
     return str(path)
 
 

@@ -19,19 +19,18 @@ AutoModelForCausalLM with gguf_file=), an implementation independent of the writ
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
 
 import gguf
-import pydoc_data.topics
 import pytest
 import sentencepiece
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
+from tests.conftest import train_sentencepiece
 from tunekit import gguf_export
 from tunekit.chat import encode_conversation, render
 from tunekit.gguf_export import ExportRefused, LlamaCppSentencePiece, ProbeCheck, export_gguf, read_back_tokenizer
@@ -58,16 +57,8 @@ CHAT = ["<s>[INST] What is it? [/INST] It is. </s><s>[INST] And\nthen? [/INST]",
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> Path:
-    text = "".join(pydoc_data.topics.topics.values())[:60_000]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(line for line in text.splitlines() if line.strip()), model_writer=model,
-        model_type="bpe", vocab_size=1000, byte_fallback=True, character_coverage=1.0, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", num_threads=1, minloglevel=2)  # Llama 2's settings
-    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+    # Llama 2's settings, its identity normalisation included
+    return train_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer.model", normalization_rule_name="identity")
 
 
 def spm_tokenizer(sp_model: Path, directory: Path, legacy: bool):
