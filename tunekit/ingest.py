@@ -35,6 +35,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tunekit.data import jsonl_to_split
 from tunekit.toolcalls import ToolDataError, check_tool_results, normalise_tool_calls, normalise_tools, tool_result_fields
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
@@ -285,9 +286,17 @@ def _replace_dir(out_dir: Path, write) -> dict:
 
 @contextmanager
 def _split_files(tmp: Path) -> Iterator[dict[str, Any]]:
+    """Open files for the rows of each split (JSONL spools in tmp/.work, written to a `datasets` directory
+    tmp/<split> when the block ends: tunekit.data) and for tmp/rejects.jsonl. Streamed: one row in memory."""
+    work = tmp / ".work"
+    work.mkdir()
     with ExitStack() as stack:
-        yield {name: stack.enter_context(open(tmp / f"{name}.jsonl", "w", encoding="utf-8"))
-               for name in (*SPLITS, "rejects")}
+        files = {name: stack.enter_context(open(work / f"{name}.jsonl", "w", encoding="utf-8")) for name in SPLITS}
+        files["rejects"] = stack.enter_context(open(tmp / "rejects.jsonl", "w", encoding="utf-8"))
+        yield files
+    for name in SPLITS:
+        jsonl_to_split(work / f"{name}.jsonl", tmp / name)
+    shutil.rmtree(work)
 
 
 @dataclass

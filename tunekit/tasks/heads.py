@@ -24,7 +24,7 @@ import dataclasses
 import html
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tunekit.constants import IGNORE_INDEX, LABELS_FILE, SPLITS
-from tunekit.io import read_json, read_jsonl
+from tunekit.data import read_split, remove_work_dir, save_dataset, write_rows
+from tunekit.io import read_json
 from tunekit.modeling import (HEAD_CONFIG, HEAD_WEIGHTS, HeadShape, MultiTaskModel, TaskError, forward,
                               head_config, is_encoder, load_auto_head_model, load_head_base, load_multitask_backbone,
                               load_pooled_classifier, pad_inputs, resolve_pooling)
@@ -438,64 +439,66 @@ def preview_html(task: str, rows: list[dict], tokenizer: Any, labels: list[str],
             f'{"".join(sections)}</body></html>\n')
 
 
-def _check_rows(rows: list[dict], task: str, file: Path) -> None:
-    for line, row in enumerate(rows, start=1):
-        found = row.get("task", "sft")
+def _check_rows(rows: Rows, task: str, file: Path) -> None:
+    for line, found in enumerate(rows.column("task") if "task" in rows.columns else ["sft"] * len(rows), start=1):
+        found = found or "sft"
         if found != task:
             raise TaskDataError(
-                f"{file}:{line}: the row is {found} data but task.type is {task}; the ingested data is stale or from "
+                f"{file} row {line}: the row is {found} data but task.type is {task}; the ingested data is stale or from "
                 f"other inputs: run the ingest stage again with task.type: {task} (dvc repro ingest)")
 
 
 def tokenize_task(task: str, task_params: Any, max_length: int, tokenizer: Any, data_dir: Path, out_dir: Path,
                   preview_dir: Path, preview_examples: int = 8) -> dict:
-    """Tokenise data_dir/{train,validation,test}.jsonl for `task` into out_dir (rows + labels.json) and
-    write the preview into preview_dir. Both directories must exist (the caller's atomic temporaries).
-    Returns the metrics: per split examples, tokens, truncated, and per task extras."""
-    from tunekit.io import write_json, write_jsonl
+    """Tokenise the splits of data_dir (`datasets` directories) for `task` into out_dir (a dataset per split
+    + labels.json) and write the preview into preview_dir. Both directories must exist (the caller's atomic
+    temporaries). Returns the metrics: per split examples, tokens, truncated, and per task extras."""
+    from tunekit.io import write_json
 
     if task not in _KINDS:
         raise TaskDataError(f"task.type {task!r} is not a head task; use one of {', '.join(_KINDS)}")
-    data = {split: list(read_jsonl(Path(data_dir) / f"{split}.jsonl")) for split in SPLITS}
+    data = {split: read_split(data_dir, split) for split in SPLITS}
     for split in SPLITS:
-        _check_rows(data[split], task, Path(data_dir) / f"{split}.jsonl")
-    out, info, metrics = tokenize_splits(task, task_params, max_length, tokenizer, data, Path(data_dir))
-    for split in SPLITS:
-        write_jsonl(Path(out_dir) / f"{split}.jsonl", out[split])
+        _check_rows(data[split], task, Path(data_dir) / split)
+    work = Path(out_dir) / ".work"
+    try:
+        out, info, metrics = tokenize_splits(task, task_params, max_length, tokenizer, data, Path(data_dir), work)
+        for split in SPLITS:
+            save_dataset(out[split].dataset, Path(out_dir) / split)
+    finally:
+        remove_work_dir(work)
     write_json(Path(out_dir) / LABELS_FILE, info)
     (Path(preview_dir) / "mask_preview.html").write_text(
         preview_html(task, out["train"][:preview_examples], tokenizer, info["labels"], preview_examples), encoding="utf-8")
     return metrics
 
 
-def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any, data: dict[str, list[dict]],
-                    data_dir: Path) -> tuple[dict[str, list[dict]], dict[str, Any], dict[str, Any]]:
-    """(tokenised rows per split, the labels.json content, metrics) of one task's ingested rows."""
+def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any, data: dict[str, Rows],
+                    data_dir: Path, work: Path) -> tuple[dict[str, Rows], dict[str, Any], dict[str, Any]]:
+    """(tokenised rows per split, the labels.json content, metrics) of one task's ingested rows. The rows
+    are read from memory-mapped splits _BATCH at a time and the tokenised ones written as they come into
+    datasets under `work` (returned as memory-mapped `Rows`): memory does not grow with the data."""
     kind = head_kind(task)
     if not data["train"]:
-        raise TaskDataError(f"{data_dir / 'train.jsonl'} is empty: nothing to train on")
-    labels, multi = kind.build_labels(data["train"], task_params, str(data_dir / "train.jsonl"))
+        raise TaskDataError(f"{data_dir / 'train'} is empty: nothing to train on")
+    labels, multi = kind.build_labels(data["train"], task_params, str(data_dir / "train"))
     origin = "task.labels in params.yaml" if task_params.labels is not None else "read from the train split"
     label2id = {label: i for i, label in enumerate(labels)}
     counts: Counter[str] = Counter()
     metrics: dict[str, Any] = {}
-    out: dict[str, list[dict]] = {}
+    out: dict[str, Rows] = {}
     for split in SPLITS:
         rows = data[split]
-        kind.check_labels(rows, labels, multi, str(data_dir / f"{split}.jsonl"), origin)
+        kind.check_labels(rows, labels, multi, str(data_dir / split), origin)
         if split == "train":
             for row in rows:
                 counts.update(kind.row_labels(row))
-        out_rows: list[dict] = []
         stats: dict[str, Any] = {"examples": len(rows), "truncated": 0}
-        for begin in tqdm(range(0, len(rows), _BATCH), desc=f"template {task} ({split})", unit="batch",
-                          dynamic_ncols=True, disable=None):
-            encoded, batch_stats = kind.encode(rows[begin:begin + _BATCH], tokenizer, label2id, multi, task_params,
-                                               max_length)
-            for key, value in batch_stats.items():
-                stats[key] = stats.get(key, 0) + value
-            out_rows += encoded
-        stats["tokens"] = sum(len(row["input_ids"]) for row in out_rows)
+        encoded = _encoded_rows(kind, rows, stats, f"template {task} ({split})", tokenizer, label2id, multi,
+                                task_params, max_length)
+        write_rows(Path(work) / task / split, encoded, Path(work))
+        out_rows = read_split(Path(work) / task, split)
+        stats["tokens"] = sum(out_rows.lengths())
         kind.split_stats(rows, out_rows, stats)
         out[split] = out_rows
         metrics[split] = stats
@@ -507,6 +510,17 @@ def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any
     metrics["examples"] = sum(metrics[s]["examples"] for s in SPLITS)
     kind.finish_metrics(metrics)
     return out, info, metrics
+
+
+def _encoded_rows(kind: HeadKind, rows: Rows, stats: dict[str, Any], desc: str, *encode_args) -> Iterator[dict]:
+    """The kind's encoding of `rows`, _BATCH at a time, each row with its `length`; the batches' stats added
+    into `stats`."""
+    for begin in tqdm(range(0, len(rows), _BATCH), desc=desc, unit="batch", dynamic_ncols=True, disable=None):
+        encoded, batch_stats = kind.encode(rows[begin:begin + _BATCH], *encode_args)
+        for key, value in batch_stats.items():
+            stats[key] = stats.get(key, 0) + value
+        for row in encoded:
+            yield {**row, "length": len(row["input_ids"])}
 
 
 def check_known_labels(rows: Sequence[dict], labels: list[str], file: str, origin: str,
