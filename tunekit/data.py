@@ -42,15 +42,14 @@ _configured = False
 
 
 def configure() -> None:
-    """Stage-wide settings for `datasets`: no global cache (map results go where the stage says), no network
-    lookups, progress bars only on a terminal (a log file would get carriage-return garbage). Every reader
-    and writer here calls it; stages call it once at their start too."""
+    """Stage-wide settings for `datasets`: no global cache (map results go where the stage says), progress
+    bars only on a terminal (a log file would get carriage-return garbage). Every reader and writer here
+    calls it; stages call it once at their start too. Nothing here reaches the network (load_from_disk,
+    map and the Arrow writer are local); only ingest's hub: inputs do, and they say so when offline."""
     global _configured
     if _configured:
         return
     _configured = True
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
     datasets.disable_caching()
