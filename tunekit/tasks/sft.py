@@ -86,7 +86,10 @@ def encode_split(records, tokenizer, chat_template: str, params: TemplateParams,
     from datasets import Dataset
 
     features = _features()
-    source = records.dataset if isinstance(records, Rows) else Dataset.from_list(list(records))
+    if not isinstance(records, Rows):  # rows in memory (benchmarks, tests): through a dataset file, like a split
+        write_rows(work / f"{split}-input", records, work)
+        records = read_split(work, f"{split}-input")
+    source = records.dataset
     if len(source) == 0:
         encoded = Dataset.from_dict({key: [] for key in features}, features=features)
     else:
