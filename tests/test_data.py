@@ -119,3 +119,43 @@ def test_template_output_does_not_depend_on_processes_or_directory(tiny_model_di
     rows = datasets.load_from_disk(str(tmp_path / "tok" / "train"))
     assert rows.column_names == ["id", "input_ids", "labels", "length"]
     assert all(len(r["input_ids"]) == len(r["labels"]) == r["length"] for r in rows)
+
+
+def test_head_tokenisation_goes_through_map_and_does_not_depend_on_processes(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tunekit.models import embedded_minilm
+    from tunekit.params import TaskParams
+    from tunekit.tasks.heads import tokenize_task
+
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_minilm()))
+    ingested = tmp_path / "ingested"
+    for split, n in (("train", 120), ("validation", 20), ("test", 20)):
+        write_rows(ingested / split, [{"id": f"{split}{i}", "source": f"x.jsonl:{i + 1}", "task": "qa",
+                                       "context": "The parcel goes to Porto. " * (1 + i % 9) + f"Ask for desk {i}.",
+                                       "question": "Where does the parcel go?",
+                                       "answers": {"text": ["Porto"] if i % 4 else [],
+                                                   "answer_start": [19] if i % 4 else []}} for i in range(n)])
+    params = TaskParams(type="qa", doc_stride=16)
+    calls: list[int | None] = []
+    original = datasets.Dataset.map
+
+    def counted_map(self, *args, **kwargs):
+        calls.append(kwargs.get("num_proc"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", counted_map)
+    for name, processes in (("one", 1), ("two", 2)):
+        (tmp_path / name / "preview").mkdir(parents=True)
+        (tmp_path / name / "tok").mkdir()
+        if processes == 2:
+            monkeypatch.setattr(data_module, "MIN_ROWS_PER_PROCESS", 10)
+        calls.clear()
+        metrics = tokenize_task("qa", params, 48, tokenizer, ingested, tmp_path / name / "tok",
+                                tmp_path / name / "preview", processes=processes)
+        assert calls and set(calls) == ({None} if processes == 1 else {2})  # Dataset.map did the tokenising
+        assert metrics["train"]["features"] > 120  # long contexts become several windows
+    for split in ("train", "validation", "test"):
+        assert files_of(tmp_path / "one" / "tok" / split) == files_of(tmp_path / "two" / "tok" / split)
+    row = read_split(tmp_path / "one" / "tok", "train")[0]
+    assert row["length"] == len(row["input_ids"]) and None in row["offsets"]  # question tokens have no offsets

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tunekit.constants import IGNORE_INDEX, LABELS_FILE, SPLITS
-from tunekit.data import read_split, remove_work_dir, save_dataset, write_rows
+from tunekit.data import map_rows, num_proc, read_split, remove_work_dir, save_dataset, write_rows
 from tunekit.io import read_json
 from tunekit.modeling import (HEAD_CONFIG, HEAD_WEIGHTS, HeadShape, MultiTaskModel, TaskError, forward,
                               head_config, is_encoder, load_auto_head_model, load_head_base, load_multitask_backbone,
@@ -449,7 +450,7 @@ def _check_rows(rows: Rows, task: str, file: Path) -> None:
 
 
 def tokenize_task(task: str, task_params: Any, max_length: int, tokenizer: Any, data_dir: Path, out_dir: Path,
-                  preview_dir: Path, preview_examples: int = 8) -> dict:
+                  preview_dir: Path, preview_examples: int = 8, processes: int = 0) -> dict:
     """Tokenise the splits of data_dir (`datasets` directories) for `task` into out_dir (a dataset per split
     + labels.json) and write the preview into preview_dir. Both directories must exist (the caller's atomic
     temporaries). Returns the metrics: per split examples, tokens, truncated, and per task extras."""
@@ -462,7 +463,8 @@ def tokenize_task(task: str, task_params: Any, max_length: int, tokenizer: Any, 
         _check_rows(data[split], task, Path(data_dir) / split)
     work = Path(out_dir) / ".work"
     try:
-        out, info, metrics = tokenize_splits(task, task_params, max_length, tokenizer, data, Path(data_dir), work)
+        out, info, metrics = tokenize_splits(task, task_params, max_length, tokenizer, data, Path(data_dir), work,
+                                             processes)
         for split in SPLITS:
             save_dataset(out[split].dataset, Path(out_dir) / split)
     finally:
@@ -474,10 +476,12 @@ def tokenize_task(task: str, task_params: Any, max_length: int, tokenizer: Any, 
 
 
 def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any, data: dict[str, Rows],
-                    data_dir: Path, work: Path) -> tuple[dict[str, Rows], dict[str, Any], dict[str, Any]]:
+                    data_dir: Path, work: Path, processes: int = 0
+                    ) -> tuple[dict[str, Rows], dict[str, Any], dict[str, Any]]:
     """(tokenised rows per split, the labels.json content, metrics) of one task's ingested rows. The rows
-    are read from memory-mapped splits _BATCH at a time and the tokenised ones written as they come into
-    datasets under `work` (returned as memory-mapped `Rows`): memory does not grow with the data."""
+    are tokenised with Dataset.map over the memory-mapped splits (`processes`: template.num_proc) and
+    written as they come into datasets under `work` (returned as memory-mapped `Rows`): memory does not
+    grow with the data, and the output does not depend on the number of processes."""
     kind = head_kind(task)
     if not data["train"]:
         raise TaskDataError(f"{data_dir / 'train'} is empty: nothing to train on")
@@ -494,8 +498,8 @@ def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any
             for row in rows:
                 counts.update(kind.row_labels(row))
         stats: dict[str, Any] = {"examples": len(rows), "truncated": 0}
-        encoded = _encoded_rows(kind, rows, stats, f"template {task} ({split})", tokenizer, label2id, multi,
-                                task_params, max_length)
+        encoded = _encoded_rows(kind, rows, stats, f"template {task} ({split})", Path(work) / f"{task}-{split}",
+                                processes, tokenizer, label2id, multi, task_params, max_length)
         write_rows(Path(work) / task / split, encoded, Path(work))
         out_rows = read_split(Path(work) / task, split)
         stats["tokens"] = sum(out_rows.lengths())
@@ -512,15 +516,37 @@ def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any
     return out, info, metrics
 
 
-def _encoded_rows(kind: HeadKind, rows: Rows, stats: dict[str, Any], desc: str, *encode_args) -> Iterator[dict]:
-    """The kind's encoding of `rows`, _BATCH at a time, each row with its `length`; the batches' stats added
-    into `stats`."""
-    for begin in tqdm(range(0, len(rows), _BATCH), desc=desc, unit="batch", dynamic_ncols=True, disable=None):
-        encoded, batch_stats = kind.encode(rows[begin:begin + _BATCH], *encode_args)
-        for key, value in batch_stats.items():
+def _map_encode(kind: HeadKind, encode_args: tuple) -> Callable[[list[dict]], dict[str, list]]:
+    """The Dataset.map function of a head kind: `kind.encode` on a batch of rows; each output row as JSON
+    text (its columns differ by kind and may hold nulls, e.g. QA offsets), its length, and the batch's
+    stats on the batch's first output row."""
+    def encode(rows: list[dict]) -> dict[str, list]:
+        encoded, batch_stats = kind.encode(rows, *encode_args)
+        if rows and not encoded:
+            raise TaskDataError(f"{kind.name}: a batch of {len(rows)} rows was encoded into no rows")
+        return {"row": [json.dumps(row, ensure_ascii=False) for row in encoded],
+                "length": [len(row["input_ids"]) for row in encoded],
+                "stats": [json.dumps(batch_stats)] + [None] * (len(encoded) - 1)}
+    return encode
+
+
+def _encoded_rows(kind: HeadKind, rows: Rows, stats: dict[str, Any], desc: str, work: Path, processes: int,
+                  *encode_args) -> Iterator[dict]:
+    """The kind's encoding of `rows` through Dataset.map (_BATCH rows a call, `processes` processes, the cache
+    file in `work`), each row with its `length`, in input order; the batches' stats added into `stats`."""
+    if not len(rows):
+        return
+    from datasets import Features, Value
+
+    features = Features({"row": Value("string"), "length": Value("int32"), "stats": Value("string")})
+    mapped = map_rows(rows.dataset, _map_encode(kind, encode_args), work, work.name,
+                      processes=num_proc(processes, len(rows)), batch_size=_BATCH, desc=desc, features=features)
+    for text in mapped.data.column("stats").to_pylist():
+        for key, value in json.loads(text or "{}").items():
             stats[key] = stats.get(key, 0) + value
-        for row in encoded:
-            yield {**row, "length": len(row["input_ids"])}
+    for batch in mapped.iter(batch_size=1000):
+        for text, length in zip(batch["row"], batch["length"]):
+            yield {**json.loads(text), "length": length}
 
 
 def check_known_labels(rows: Sequence[dict], labels: list[str], file: str, origin: str,
@@ -538,8 +564,6 @@ def check_known_labels(rows: Sequence[dict], labels: list[str], file: str, origi
 
 
 def _quoted(label: str) -> str:
-    import json
-
     return json.dumps(label)
 
 

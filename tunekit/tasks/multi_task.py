@@ -200,7 +200,7 @@ def ingest_tags(params, task_params) -> dict[str, str]:
 
 
 def tokenize_tasks(task_params: Any, max_length: int, tokenizer: Any, data_dir: Path, out_dir: Path,
-                   preview_dir: Path, preview_examples: int = 8) -> dict:
+                   preview_dir: Path, preview_examples: int = 8, processes: int = 0) -> dict:
     """Multi-task (`task.type: multi_task`): the rows of each task of `task_params.tasks` (ingested with
     `"task": <name>`) tokenised and aligned by that task's own rules and settings (`task_params.subtask`),
     each output row keeping its `"task"`; one set of split files, labels.json with every task's label set
@@ -230,7 +230,7 @@ def tokenize_tasks(task_params: Any, max_length: int, tokenizer: Any, data_dir: 
         mine = {split: _task_rows(data[split], tasks_of[split], name) for split in SPLITS}
         try:
             rows, info, task_metrics = tokenize_splits(sub.type, sub, max_length, tokenizer, mine, Path(data_dir),
-                                                       work / name)
+                                                       work / name, processes)
         except TaskDataError as exc:
             raise TaskDataError(f"task.tasks.{name} ({sub.type}): {exc}".replace("task.labels", f"task.tasks.{name}.labels")
                                 .replace("task.label_all_subwords", f"task.tasks.{name}.label_all_subwords")) from None
@@ -268,7 +268,8 @@ def _task_rows(rows: Rows, tasks: list[str | None], name: str, numbered: bool = 
 
 
 def tokenize(template, task_params, tokenizer, data_dir: Path, out: Path, preview: Path) -> dict:
-    return tokenize_tasks(task_params, template.max_length, tokenizer, data_dir, out, preview, template.preview_examples)
+    return tokenize_tasks(task_params, template.max_length, tokenizer, data_dir, out, preview, template.preview_examples,
+                          template.num_proc)
 
 
 def template_summary(metrics: dict) -> str:

@@ -74,7 +74,7 @@ def head_task(kind: HeadKind) -> Task:
 
     def tokenize(template, task_params, tokenizer, data_dir: Path, out: Path, preview: Path) -> dict:
         return tokenize_task(kind.name, task_params, template.max_length, tokenizer, data_dir, out, preview,
-                             template.preview_examples)
+                             template.preview_examples, template.num_proc)
 
     def summary(metrics: dict) -> str:
         return (f"template ({kind.name}): {metrics['examples']} examples, {metrics['labels']} labels, "
