@@ -159,3 +159,34 @@ def test_head_tokenisation_goes_through_map_and_does_not_depend_on_processes(tmp
         assert files_of(tmp_path / "one" / "tok" / split) == files_of(tmp_path / "two" / "tok" / split)
     row = read_split(tmp_path / "one" / "tok", "train")[0]
     assert row["length"] == len(row["input_ids"]) and None in row["offsets"]  # question tokens have no offsets
+
+
+def test_demo_data_through_ingest_and_template_round_trips_with_the_masks_of_encode_conversation(tiny_model_dir,
+                                                                                                 tmp_path):
+    """demo -> ingest -> template -> load_from_disk: the rows are exactly what tunekit.chat.encode_conversation
+    gives each ingested conversation (the template stage's earlier, per-record path), token for token and label
+    for label, and the ingested records are the demo's."""
+    from tunekit.chat import encode_conversation, resolve_chat_template
+    from tunekit.demo import generate
+    from tunekit.ingest import ingest
+    from tunekit.io import write_jsonl
+    from tunekit.models import load_tokenizer
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_jsonl(raw / "orders.jsonl", generate(80, 7))
+    ingest(raw, tmp_path / "ingested")
+    params = TemplateParams()
+    template.run(params, tiny_model_dir, tmp_path / "ingested", tmp_path / "tok", tmp_path / "preview")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    chat_template = resolve_chat_template(params.chat_template, tokenizer)
+    seen = 0
+    for split in ("train", "validation", "test"):
+        records = {r["id"]: r for r in datasets.load_from_disk(str(tmp_path / "ingested" / split))}
+        for row in datasets.load_from_disk(str(tmp_path / "tok" / split)):
+            expected = encode_conversation(records[row["id"]]["messages"], tokenizer, chat_template, params.train_on,
+                                           params.max_length)
+            assert (row["input_ids"], row["labels"], row["length"]) == (
+                expected.input_ids, expected.labels, len(expected.input_ids))
+            seen += 1
+    assert seen == 80
