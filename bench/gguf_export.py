@@ -24,7 +24,7 @@ import torch
 from tunekit.chat import resolve_chat_template
 from tunekit.forgetting import load_probe, tokenize_probe
 from tunekit.gguf_export import ProbeCheck, export_gguf
-from tunekit.io import read_jsonl
+from tunekit.data import read_split
 from tunekit.models import load_tokenizer, set_threads
 from tunekit.params import ExportParams, ForgettingParams, TemplateParams
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     tokenizer = load_tokenizer(args.model)
     chat_template = resolve_chat_template(TemplateParams().chat_template, tokenizer)
-    rows = list(read_jsonl(args.data / "test.jsonl"))[:export.check_examples]
+    rows = read_split(args.data, "test")[:export.check_examples]
     probe = ProbeCheck(tokenize_probe(load_probe(forgetting.probe, forgetting.probe_passages), tokenizer,
                                       forgetting.max_length), tokenizer.pad_token_id, forgetting.batch_size)
     with tempfile.TemporaryDirectory() as out:

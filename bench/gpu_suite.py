@@ -216,7 +216,7 @@ def child_qlora(args) -> dict:
     params = load_section("finetune").model_copy(update={"method": "qlora"})
     method = method_for(params)
     tokenizer = load_tokenizer(args.model)
-    rows = bench._rows(Path(args.data) / "train.jsonl")[: args.batch_size * (args.warmup + args.steps)]
+    rows = bench._rows(Path(args.data) / "train")[: args.batch_size * (args.warmup + args.steps)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()

@@ -157,7 +157,8 @@ def demo_splits(records: int, seed: int, work: Path) -> dict[str, list[dict]]:
     """(c) the demo task as the pipeline makes it: tunekit.demo.generate -> tunekit.ingest.ingest."""
     from tunekit.demo import generate
     from tunekit.ingest import ingest
-    from tunekit.io import read_jsonl, write_jsonl
+    from tunekit.data import read_split
+    from tunekit.io import write_jsonl
     from tunekit.params import load_section
 
     params = load_section("ingest")
@@ -166,7 +167,7 @@ def demo_splits(records: int, seed: int, work: Path) -> dict[str, list[dict]]:
     write_jsonl(raw / "orders.jsonl", generate(records, seed))
     ingest(raw, work / "demo-ingested", max_chars=params.max_chars, max_reject_rate=params.max_reject_rate,
            validation=params.validation, test=params.test)
-    return {split: list(read_jsonl(work / "demo-ingested" / f"{split}.jsonl")) for split in ("train", "validation")}
+    return {split: list(read_split(work / "demo-ingested", split)) for split in ("train", "validation")}
 
 
 def tokenized(records: list[dict], tokenizer, split: str, max_length: int = 512) -> list[dict]:
@@ -178,13 +179,14 @@ def tokenized(records: list[dict], tokenizer, split: str, max_length: int = 512)
 
     params = load_section("template").model_copy(update={"max_length": max_length})
     chat_template = resolve_chat_template(params.chat_template, tokenizer)
-    kept, _, _ = encode_split(records, tokenizer, chat_template, params, split)
-    return [{"input_ids": enc.input_ids, "labels": enc.labels} for _, enc in kept]
+    with tempfile.TemporaryDirectory() as work:
+        kept, _, _ = encode_split(records, tokenizer, chat_template, params, split, Path(work))
+        return [{"input_ids": ids, "labels": labels} for ids, labels in zip(kept["input_ids"], kept["labels"])]
 
 
 def build_sets(names: list[str], sizes: dict[str, tuple[int, int]], model_dir: Path, work: Path, seed: int,
                max_length: int = 512) -> dict:
-    from tunekit.io import write_jsonl
+    from tunekit.data import write_rows
     from tunekit.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -204,7 +206,7 @@ def build_sets(names: list[str], sizes: dict[str, tuple[int, int]], model_dir: P
         info = {"dir": str(d)}
         for split, records in splits.items():
             rows = tokenized(records, tokenizer, split, max_length)
-            write_jsonl(d / f"{split}.jsonl", rows)
+            write_rows(d / split, rows)
             info[split] = {"rows": len(rows), "tokens": sum(len(r["input_ids"]) for r in rows),
                            "longest": max((len(r["input_ids"]) for r in rows), default=0),
                            "trained_tokens": sum(sum(x != -100 for x in r["labels"][1:]) for r in rows)}
@@ -293,9 +295,11 @@ def matmul_peak(threads: int, size: int = 2048, tries: int = 5, device: str = "c
 
 
 def _rows(path: Path) -> list[dict]:
-    from tunekit.io import read_jsonl
+    """The rows of a tokenised split (a `datasets` directory, tunekit.data) as a list: the benchmark hands
+    the same rows to both trainers."""
+    from tunekit.data import read_split
 
-    return list(read_jsonl(path))
+    return list(read_split(path.parent, path.name))
 
 
 def finetune_params(args):
@@ -408,7 +412,7 @@ def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data = Path(args.data)
-    train_rows, val_rows = _rows(data / "train.jsonl"), _rows(data / "validation.jsonl")
+    train_rows, val_rows = _rows(data / "train"), _rows(data / "validation")
     result = (child_ours if args.child == "ours" else child_trl)(args, train_rows, val_rows)
     result["threads"] = torch.get_num_threads()
     result["thp_mem_alloc"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"

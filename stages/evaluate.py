@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="fine-tuned checkpoint (its meta.json names the base)")
     parser.add_argument("--merged", type=Path, help="merged checkpoint, scored too when it exists")
-    parser.add_argument("--data", type=Path, required=True, help="ingested data directory (test.jsonl, train.jsonl)")
-    parser.add_argument("--tokenized", type=Path, required=True, help="tokenised data directory (test.jsonl)")
+    parser.add_argument("--data", type=Path, required=True, help="ingested data directory (the test and train datasets)")
+    parser.add_argument("--tokenized", type=Path, required=True, help="tokenised data directory (the test dataset)")
     parser.add_argument("--out", type=Path, required=True, help="directory for predictions, the report and plots")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     params: EvaluateParams = load_section("evaluate")
     template: TemplateParams = load_section("template")
 
-    with stage_run("evaluate", project.experiment, params, tags=data_tags(test=args.data / "test.jsonl"),
+    with stage_run("evaluate", project.experiment, params, tags=data_tags(test=args.data / "test"),
                    system_metrics=True) as mlflow:
         results = run(params, template, args.model, args.data, args.tokenized, args.out, args.merged, project.seed)
         write_json(args.metrics, results)
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         columns, table = table_rows(flat(models))
         mlflow.log_table({c: [float("nan") if row[c] is None else row[c] for row in table] for c in columns},
                          artifact_file="evaluate/table.json")
-        log_datasets(mlflow, "ingested", {"test": args.data / "test.jsonl"})
-        log_datasets(mlflow, "tokenized", {"test": args.tokenized / "test.jsonl"})
+        log_datasets(mlflow, "ingested", {"test": args.data / "test"})
+        log_datasets(mlflow, "tokenized", {"test": args.tokenized / "test"})
     shown = flat(results)
     for name in MODEL_ORDER:
         if name in results:

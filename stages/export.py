@@ -37,7 +37,8 @@ from tunekit.chat import render, resolve_chat_template
 from tunekit.forgetting import load_probe, tokenize_probe
 from tunekit.gates import describe, evaluate_gates, failures
 from tunekit.gguf_export import ExportRefused, ProbeCheck, export_gguf, gguf_gates
-from tunekit.io import atomic_dir, is_merged, read_json, read_jsonl, read_meta, write_json
+from tunekit.data import read_split
+from tunekit.io import atomic_dir, is_merged, read_json, read_meta, write_json
 from tunekit.methods import method_of_checkpoint
 from tunekit.modelfile import MODELFILE, match_family, modelfile, training_system_prompt
 from tunekit.models import load_tokenizer, set_threads
@@ -115,10 +116,10 @@ def run(params: ExportParams, template: TemplateParams, forgetting: ForgettingPa
             else:
                 tokenizer = load_tokenizer(source)
                 chat_template = resolve_chat_template(template.chat_template, tokenizer)
-                rows = list(itertools.islice(read_jsonl(data_dir / "test.jsonl"), params.check_examples))
+                rows = list(itertools.islice(read_split(data_dir, "test"), params.check_examples))
                 # The same held-out conversations as text, rendered as training rendered them: the tokenizer check.
                 texts = [render(record["messages"], tokenizer, chat_template, False) for record in
-                         itertools.islice(read_jsonl(ingested_dir / "test.jsonl"), params.check_examples)
+                         itertools.islice(read_split(ingested_dir, "test"), params.check_examples)
                          if record.get("messages")]
                 probe_rows = tokenize_probe(load_probe(forgetting.probe, forgetting.probe_passages), tokenizer,
                                             forgetting.max_length)
@@ -128,7 +129,7 @@ def run(params: ExportParams, template: TemplateParams, forgetting: ForgettingPa
                 gates.update(gguf_gates(params.gguf))
                 if params.modelfile_from:
                     family, default = match_family(tokenizer, chat_template)
-                    system = training_system_prompt(read_jsonl(ingested_dir / "train.jsonl")) or default
+                    system = training_system_prompt(read_split(ingested_dir, "train")) or default
                     gguf_file = result["gguf"][params.modelfile_from]["file"]
                     (tmp / MODELFILE).write_text(modelfile(gguf_file, family, system), encoding="utf-8")
                     result["modelfile"] = {"from": gguf_file, "template": family.name if family else None,

@@ -47,7 +47,9 @@ import torch
 from tunekit.card import write_card
 from tunekit.checkpoints import checkpoint_hash, run_key
 from tunekit.collapse import prior_check
-from tunekit.io import atomic_dir, content_hash, read_jsonl, without_timings, write_json, write_meta
+from tunekit.data import configure as configure_datasets
+from tunekit.data import read_split
+from tunekit.io import atomic_dir, content_hash, without_timings, write_json, write_meta
 from tunekit.methods import Method, method_for, parameter_counts
 from tunekit.models import compute_device, load_tokenizer, set_threads
 from tunekit.params import FinetuneParams, ProjectParams, TaskParams, TemplateParams, load_section
@@ -117,10 +119,11 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_dir)
     method = method_for(params)
-    train_rows = list(read_jsonl(data_dir / "train.jsonl"))
-    val_rows = list(read_jsonl(data_dir / "validation.jsonl"))
+    configure_datasets()
+    train_rows = read_split(data_dir, "train")  # memory-mapped; batches come from its length column
+    val_rows = read_split(data_dir, "validation")
     if not train_rows:
-        raise SystemExit(f"{data_dir / 'train.jsonl'} holds no examples: check the ingest and template metrics")
+        raise SystemExit(f"{data_dir / 'train'} holds no examples: check the ingest and template metrics")
     task_params = task_params or TaskParams()
     task = task_for(task_params)
     check_general_text(task, task_params, params)
@@ -131,7 +134,7 @@ def run(params: FinetuneParams, seed: int, model_dir: Path, data_dir: Path, out:
     log.info("method %s: %d of %d parameters trainable (%.3f%%)", method.name, counts["trainable_parameters"],
              counts["total_parameters"], 100 * counts["trainable_fraction"])
 
-    data_hashes = {name: content_hash(data_dir / f"{name}.jsonl") for name in ("train", "validation")}
+    data_hashes = {name: content_hash(data_dir / name) for name in ("train", "validation")}
     task_data = {"task": json.dumps(training.meta)} if training.meta else {}
     ckpt_dir = checkpoints / run_key(params.model_dump(), seed, checkpoint_hash(model_dir), {**data_hashes, **task_data})
     replay_rows, probe_rows = general_text_rows(params, tokenizer, params.replay.max_length or template_max_length)
@@ -221,7 +224,7 @@ def torchrun_command(processes: int, argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="base checkpoint directory")
-    parser.add_argument("--data", type=Path, required=True, help="tokenised data directory (train/validation.jsonl)")
+    parser.add_argument("--data", type=Path, required=True, help="tokenised data directory (a `datasets` directory per split)")
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True, help="directory for loss CSVs and PNG")
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     if rank != 0:
         logging.getLogger("tunekit").setLevel(logging.WARNING)  # one voice in the log
 
-    tags = {"method": params.method, **data_tags(train=args.data / "train.jsonl", validation=args.data / "validation.jsonl")}
+    tags = {"method": params.method, **data_tags(train=args.data / "train", validation=args.data / "validation")}
     tracked = stage_run("finetune", project.experiment, params, tags=tags, system_metrics=True) if rank == 0 \
         else contextlib.nullcontext()
     try:
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                 mlflow.log_artifact(str(args.plots / "loss.png"))
                 if curves["probes"]:
                     mlflow.log_artifact(str(args.plots / "forgetting_curve.png"))
-                log_datasets(mlflow, "tokenized", {s: args.data / f"{s}.jsonl" for s in ("train", "validation")})
+                log_datasets(mlflow, "tokenized", {s: args.data / s for s in ("train", "validation")})
                 log_checkpoint(mlflow, args.out, "finetune")
     finally:
         if distributed:

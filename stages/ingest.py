@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from tunekit.data import configure as configure_datasets
 from tunekit.ingest import IngestError
 from tunekit.io import write_json
 from tunekit.params import IngestParams, ProjectParams, TaskParams, load_section
@@ -27,12 +28,13 @@ log = logging.getLogger("tunekit")
 
 
 def run(params: IngestParams, out: Path, task: TaskParams | None = None) -> dict:
+    configure_datasets()
     return task_for(task).ingest(params, task or TaskParams(), out)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="directory for train/validation/test/rejects.jsonl")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the train/validation/test datasets and rejects.jsonl")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args(argv)
     configure_logging()

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     project: ProjectParams = load_section("project")
     params: MergeParams = load_section("merge")
 
-    with stage_run("merge", project.experiment, params, tags=data_tags(check=args.data / "test.jsonl")) as mlflow:
+    with stage_run("merge", project.experiment, params, tags=data_tags(check=args.data / "test")) as mlflow:
         metrics = run(params, args.model, args.data, args.out)
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         elif params.registered_model:
             mlflow.set_tag("registered_model", f"{params.registered_model}/{register_merged(mlflow, args.out, params.registered_model)}")
         log_checkpoint(mlflow, args.out, "merged")
-        log_datasets(mlflow, "tokenized", {"test": args.data / "test.jsonl"})
+        log_datasets(mlflow, "tokenized", {"test": args.data / "test"})
     log.info("merged checkpoint written to %s: %s", args.out, metrics)
 
 

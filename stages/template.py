@@ -18,6 +18,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from tunekit.data import configure as configure_datasets
 from tunekit.io import atomic_dir, write_json
 from tunekit.models import load_tokenizer
 from tunekit.params import ProjectParams, TaskParams, TemplateParams, load_section
@@ -29,6 +30,7 @@ log = logging.getLogger("tunekit")
 
 def run(params: TemplateParams, model_dir: Path, data_dir: Path, out: Path, preview: Path,
         task: TaskParams | None = None) -> dict:
+    configure_datasets()
     tokenizer = load_tokenizer(model_dir)
     with atomic_dir(out) as tmp_out, atomic_dir(preview) as tmp_preview:
         return task_for(task).tokenize(params, task or TaskParams(), tokenizer, data_dir, tmp_out, tmp_preview)
@@ -37,7 +39,7 @@ def run(params: TemplateParams, model_dir: Path, data_dir: Path, out: Path, prev
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="checkpoint whose tokenizer and chat template to use")
-    parser.add_argument("--data", type=Path, required=True, help="ingested data directory (train/validation/test.jsonl)")
+    parser.add_argument("--data", type=Path, required=True, help="ingested data directory (a `datasets` directory per split)")
     parser.add_argument("--out", type=Path, required=True, help="tokenised data directory to write")
     parser.add_argument("--preview", type=Path, required=True, help="directory for the mask preview and dropped list")
     parser.add_argument("--metrics", type=Path, required=True)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.metrics, metrics)
         log_metrics(mlflow, metrics)
         mlflow.log_artifacts(str(args.preview), artifact_path="template")
-        log_datasets(mlflow, "ingested", {s: args.data / f"{s}.jsonl" for s in ("train", "validation", "test")})
+        log_datasets(mlflow, "ingested", {s: args.data / s for s in ("train", "validation", "test")})
     log.info("%s", task_for(task).template_summary(metrics))
 
 

@@ -37,7 +37,7 @@ def assert_consistent(root: Path, env: dict) -> None:
     assert "Data and pipelines are up to date" in status.stdout, status.stdout
     leftovers = [str(p) for p in root.rglob(".*.tmp-*")]
     assert leftovers == [], leftovers
-    assert (root / "data/tokenized/train.jsonl").stat().st_size > 0
+    assert (root / "data/tokenized/train/data-00000-of-00001.arrow").stat().st_size > 0
 
 
 def test_a_flow_waits_for_the_dvc_lock_and_then_completes(tiny_model_dir, tmp_path):

@@ -18,7 +18,8 @@ from tests.test_evaluate_stage import conversation
 from tests.test_heads import llama_dir, tokenized  # noqa: F401 (fixtures)
 from tests.test_methods import CASES, base_dirs, rows  # noqa: F401 (fixtures)
 from tunekit.chat import encode_conversation, resolve_chat_template
-from tunekit.io import is_merged, read_jsonl, write_jsonl
+from tunekit.data import write_rows
+from tunekit.io import is_merged, read_jsonl
 from tunekit.methods import load_tuned, method_for
 from tunekit.params import EvaluateParams, FinetuneParams, ForgettingParams, MergeParams, TaskParams, TemplateParams
 from tunekit.train import TrainConfig, evaluate_loss, train
@@ -35,7 +36,7 @@ def on_cuda(monkeypatch):
 def split_dir(rows, tmp_path_factory):
     data = tmp_path_factory.mktemp("tokenized")
     for split in ("train", "validation", "test"):
-        write_jsonl(data / f"{split}.jsonl", rows)
+        write_rows(data / split, rows)
     return data
 
 
@@ -100,9 +101,9 @@ def sft_data(smollm2_tokenizer, root):
     template = resolve_chat_template("model", smollm2_tokenizer)
     for split, count in (("train", 12), ("validation", 4), ("test", 4)):
         records = [conversation(i, split) for i in range(count)]
-        write_jsonl(data / f"{split}.jsonl", records)
+        write_rows(data / split, records)
         encoded = [encode_conversation(r["messages"], smollm2_tokenizer, template) for r in records]
-        write_jsonl(tokenized_dir / f"{split}.jsonl", [{"id": r["id"], "input_ids": e.input_ids, "labels": e.labels}
+        write_rows(tokenized_dir / split, [{"id": r["id"], "input_ids": e.input_ids, "labels": e.labels}
                                                        for r, e in zip(records, encoded)])
     return data, tokenized_dir
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.test_resume import conversation, stage_env
 from tunekit.chat import encode_conversation, resolve_chat_template
-from tunekit.io import write_jsonl
+from tunekit.data import write_rows
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_STEPS = 6
@@ -33,8 +33,8 @@ def tokenized(smollm2_tokenizer, tmp_path_factory) -> Path:
         enc = encode_conversation(conversation(i), smollm2_tokenizer, template)
         rows.append({"id": f"c{i}", "input_ids": enc.input_ids, "labels": enc.labels})
     data = tmp_path_factory.mktemp("tokenized")
-    write_jsonl(data / "train.jsonl", rows[:32])
-    write_jsonl(data / "validation.jsonl", rows[32:])  # 8 rows: shards of 4 on each rank
+    write_rows(data / "train", rows[:32])
+    write_rows(data / "validation", rows[32:])  # 8 rows: shards of 4 on each rank
     return data
 
 

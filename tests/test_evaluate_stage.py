@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 from stages import evaluate
 from tunekit.chat import encode_conversation, resolve_chat_template
 from tunekit.generate import choose_demonstrations, code_scores, cut_at_stops, few_shot_records, prompts_from_conversations
-from tunekit.io import read_jsonl, write_jsonl, write_meta
+from tunekit.data import write_rows
+from tunekit.io import read_jsonl, write_meta
 from tunekit.models import load_causal_lm
 from tunekit.params import CodeTaskParams, EvaluateParams, TemplateParams
 from tunekit.sandbox import load_humaneval
@@ -45,12 +46,12 @@ def project(tiny_model_dir, smollm2_tokenizer, tmp_path_factory):
     template = resolve_chat_template("model", smollm2_tokenizer)
     splits = {"train": [conversation(i, "train") for i in range(10)], "test": [conversation(i, "test") for i in range(3)]}
     for split, records in splits.items():
-        write_jsonl(data / f"{split}.jsonl", records)
+        write_rows(data / split, records)
         rows = []
         for r in records:
             enc = encode_conversation(r["messages"], smollm2_tokenizer, template)
             rows.append({"id": r["id"], "input_ids": enc.input_ids, "labels": enc.labels})
-        write_jsonl(tokenized / f"{split}.jsonl", rows)
+        write_rows(tokenized / split, rows)
     return {"adapter": adapter, "merged": merged, "data": data, "tokenized": tokenized, "root": root, "splits": splits}
 
 

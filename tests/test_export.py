@@ -21,7 +21,8 @@ from stages import evaluate, export, finetune, forgetting, merge
 from tests.conftest import tiny_llama
 from tunekit.card import CARD_FILE, render_card
 from tunekit.chat import encode_conversation, resolve_chat_template
-from tunekit.io import read_jsonl, read_meta, write_json, write_jsonl
+from tunekit.data import read_split, write_rows
+from tunekit.io import read_meta, write_json
 from tunekit.methods import load_tuned
 from tunekit.params import EvaluateParams, ExportParams, FinetuneParams, ForgettingParams, MergeParams, TemplateParams
 from tunekit.train import collate
@@ -42,7 +43,7 @@ def data_dir(smollm2_tokenizer, tmp_path_factory) -> Path:
         rows.append({"id": str(i), "input_ids": enc.input_ids, "labels": enc.labels})
     path = tmp_path_factory.mktemp("tokenized")
     for split in ("train", "validation", "test"):
-        write_jsonl(path / f"{split}.jsonl", rows)
+        write_rows(path / split, rows)
     return path
 
 
@@ -78,7 +79,7 @@ def test_qlora_merge_reports_the_drift_from_the_model_as_trained(base_dir, data_
     assert set(drift) == {"max_logit_difference", "mean_logit_difference", "loss_quantised", "loss_merged", "loss_difference"}
 
     # Recompute: the adapter on the 4-bit base as evaluate loads it, against the merged checkpoint from disk.
-    batch = collate(list(read_jsonl(data_dir / "test.jsonl")), smollm2_tokenizer.pad_token_id)
+    batch = collate(list(read_split(data_dir, "test")), smollm2_tokenizer.pad_token_id)
     as_trained = load_tuned(adapter_dir)
     assert getattr(as_trained.model.base_model.model, "is_loaded_in_4bit", False)
     quantised = logits(as_trained.model, batch)
@@ -147,7 +148,7 @@ def pipeline(base_dir, data_dir, tmp_path_factory) -> dict:
     ingested = root / "ingested"  # the evaluate stage scores generations against the ingested conversations
     ingested.mkdir()
     for split in ("train", "test"):
-        write_jsonl(ingested / f"{split}.jsonl", [{"id": str(i), "messages": [{"role": "user", "content": q},
+        write_rows(ingested / split, [{"id": str(i), "messages": [{"role": "user", "content": q},
                                                                               {"role": "assistant", "content": a}]}
                                                   for i, (q, a) in enumerate(CONVERSATIONS)])
     metrics["evaluate"] = evaluate.run(EvaluateParams(max_new_tokens=4, metrics=["exact_match"], few_shot=None),
@@ -193,7 +194,7 @@ def test_export_ships_the_merged_weights_gguf_files_and_modelfile_with_everythin
                      "## Quality gates", "| gguf_q8_0_kl | `gguf.q8_0.mean_kl <= 0.01` |", "## GGUF files",
                      f"| `model-q8_0.gguf` | {q8['bytes']} |", "ollama create my-model -f Modelfile"):
         assert expected in card, expected
-    batch = collate(list(read_jsonl(data_dir / "test.jsonl")), 0)
+    batch = collate(list(read_split(data_dir, "test")), 0)
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out, use_safetensors=True), batch),
                                logits(AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True), batch))
 

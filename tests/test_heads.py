@@ -18,7 +18,8 @@ from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, Llam
 from tunekit.modeling import PooledClassifier, pool
 from tunekit.tasks.heads import (TaskObjective, TaskSpec, collate_task, load_task_base, load_task_model, predict,
                                  resolve_class_weights, score_task, task_method, tokenize_task)
-from tunekit.io import read_json, read_jsonl, write_jsonl
+from tunekit.data import read_split, write_rows
+from tunekit.io import read_json, read_jsonl
 from tunekit.methods import METHODS, MethodError, parameter_counts
 from tunekit.models import embedded_minilm
 from tunekit.params import EvaluateParams, FinetuneParams, MergeParams, TaskParams, TemplateParams
@@ -95,7 +96,7 @@ def tokenized(task: str, tokenizer, tmp_path: Path, max_length: int = 64, **task
         folder.mkdir(parents=True, exist_ok=True)
     records = raw_examples(task)
     for split in ("train", "validation", "test"):
-        write_jsonl(ingested / f"{split}.jsonl", records)
+        write_rows(ingested / split, records)
     tokenize_task(task, TaskParams(type=task, **task_fields), max_length, tokenizer, ingested, out, preview)
     return ingested, out
 
@@ -142,7 +143,7 @@ def test_padding_does_not_change_a_rows_classification(arch, pooling, bert_dir, 
 
 def test_token_loss_is_per_labelled_token_across_accumulation(bert_dir, minilm_tokenizer, tmp_path):
     _, data = tokenized("token_classification", minilm_tokenizer, tmp_path)
-    rows = list(read_jsonl(data / "train.jsonl"))[:4]
+    rows = list(read_split(data, "train"))[:4]
     spec = TaskSpec("token_classification", tuple(read_json(data / "labels.json")["labels"]))
     objective = TaskObjective(spec)
 
@@ -189,7 +190,7 @@ def test_each_task_learns_a_memorisable_set(task, arch, fields, bert_dir, llama_
     spec = TaskSpec(task, tuple(info["labels"]), info["multi_label"], "cls" if arch == "bert" else "last",
                     encoder=arch == "bert")
     model = load_task_base(bert_dir if arch == "bert" else llama_dir, spec)
-    rows, records = list(read_jsonl(data / "train.jsonl")), list(read_jsonl(ingested / "test.jsonl"))
+    rows, records = list(read_split(data, "train")), list(read_split(ingested, "test"))
     key = _metric(task, {})
     before, _, _ = score_task(model, spec, rows, records, tokenizer.pad_token_id, 16, "base", TaskParams(type=task))
     cfg = TrainConfig(epochs=60, lr=3e-3, batch_size=8, schedule="constant", eval_every=1000, checkpoint_every=1000,
@@ -317,7 +318,7 @@ def test_multitask_shared_encoder_learns_both_tasks(bert_dir, minilm_tokenizer, 
         ingested, tokenized_dir = tokenized(task, minilm_tokenizer, tmp_path / name)
         info = read_json(tokenized_dir / "labels.json")
         specs[name] = TaskSpec(task, tuple(info["labels"]))
-        data[name] = (list(read_jsonl(tokenized_dir / "train.jsonl")), list(read_jsonl(ingested / "test.jsonl")))
+        data[name] = (list(read_split(tokenized_dir, "train")), list(read_split(ingested, "test")))
     rows = [{**row, "task": name} for name, (task_rows, _) in data.items() for row in task_rows]
     model = load_multitask_base(bert_dir, specs)
     objective = MultiTaskObjective(specs, {"topic": 1.0, "ner": 1.0}, [row["task"] for row in rows])

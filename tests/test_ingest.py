@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tunekit.data import read_split
 from tunekit.ingest import FORMATS, IngestError, Record, Reject, ingest, input_files, read_file, split_of
 
 DATA = Path(__file__).parent / "data" / "ingest"
@@ -39,9 +40,7 @@ def canonical_id(messages: list[dict]) -> str:
 
 def split_ids(out: Path) -> dict[str, str]:
     """id -> split name, from an ingest output directory."""
-    return {json.loads(line)["id"]: split
-            for split in ("train", "validation", "test")
-            for line in (out / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()}
+    return {row["id"]: split for split in ("train", "validation", "test") for row in read_split(out, split)}
 
 
 def qa_lines(start: int, stop: int) -> list[bytes]:
@@ -282,9 +281,9 @@ def test_ingest_counts_and_outputs(tmp_path: Path) -> None:
     }
     assert metrics["accepted"] + metrics["rejected"] + metrics["duplicates"] == metrics["lines_read"]
     json.dumps(metrics)
-    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl", "test.jsonl", "train.jsonl", "validation.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl", "test", "train", "validation"]
 
-    train = [json.loads(line) for line in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    train = list(read_split(out, "train"))
     # Input order, first occurrence kept.
     assert [row["source"] for row in train] == [f"{inputs / 'one.jsonl'}:1", f"{inputs / 'one.jsonl'}:2",
                                                f"{inputs / 'one.jsonl'}:6", f"{inputs / 'sub' / 'two.jsonl'}:3"]
@@ -299,7 +298,7 @@ def test_ingest_counts_and_outputs(tmp_path: Path) -> None:
 def test_ingest_keeps_train_false_and_mixes_formats_across_files(tmp_path: Path) -> None:
     metrics = ingest(DATA, tmp_path / "out", validation=0.0, test=0.0)
     assert (metrics["files"], metrics["accepted"], metrics["rejected"]) == (4, 11, 0)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = list(read_split(tmp_path / "out", "train"))
     assert [row["messages"] for row in rows] == [m for fmt in sorted(FORMATS) for m in EXPECTED[fmt]]
 
 
@@ -308,7 +307,7 @@ def test_ingest_replaces_an_old_output(tmp_path: Path) -> None:
     out.mkdir()
     (out / "stale.txt").write_text("from an older run")
     ingest(DATA / "sharegpt.jsonl", out, validation=0.0, test=0.0)
-    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl", "test.jsonl", "train.jsonl", "validation.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl", "test", "train", "validation"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -362,7 +361,7 @@ def test_reject_rate_above_threshold_fails_and_leaves_nothing(tmp_path: Path) ->
 def test_failed_ingest_keeps_the_previous_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     ingest(DATA / "alpaca.jsonl", out)
-    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    previous = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     bad = write(tmp_path / "bad.jsonl", [b"nope"] * 12 + qa_lines(0, 1))
 
     with pytest.raises(IngestError) as caught:
@@ -370,7 +369,7 @@ def test_failed_ingest_keeps_the_previous_output(tmp_path: Path) -> None:
 
     message = str(caught.value)
     assert "first 10 of 12 rejects:" in message and f"{bad}:10: invalid_json" in message and f"{bad}:11:" not in message
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "out"]
 
 

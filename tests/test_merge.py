@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from stages import merge
 from tunekit.chat import encode_conversation, resolve_chat_template
-from tunekit.io import NOT_MERGED, is_merged, write_jsonl, write_meta
+from tunekit.data import write_rows
+from tunekit.io import NOT_MERGED, is_merged, write_meta
 from tunekit.models import load_causal_lm
 from tunekit.params import MergeParams
 from tunekit.train import collate
@@ -32,7 +33,7 @@ def adapter_and_data(tiny_model_dir, smollm2_tokenizer, tmp_path):
         rows.append({"id": str(i), "input_ids": enc.input_ids, "labels": enc.labels})
     data = tmp_path / "tokenized"
     data.mkdir()
-    write_jsonl(data / "test.jsonl", rows)
+    write_rows(data / "test", rows)
     return adapter, data, rows
 
 

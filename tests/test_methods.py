@@ -21,7 +21,8 @@ from stages import finetune, merge
 from tests.conftest import tiny_llama
 from tunekit.chat import encode_conversation, pack, resolve_chat_template
 from tunekit.generate import Prompt, generate
-from tunekit.io import NOT_MERGED, is_merged, not_merged_reason, write_jsonl
+from tunekit.data import write_rows
+from tunekit.io import NOT_MERGED, is_merged, not_merged_reason
 from tunekit.methods import METHODS, Bottleneck, MethodError, method_for, parameter_counts
 from tunekit.params import FinetuneParams, MergeParams, ParamsError, validate_section
 from tunekit.tasks import load_tuned
@@ -70,7 +71,7 @@ def base_dirs(smollm2_tokenizer, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def held_out(rows, tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("tokenized")
-    write_jsonl(data / "test.jsonl", rows)
+    write_rows(data / "test", rows)
     return data
 
 

@@ -22,6 +22,7 @@ from tunekit.modeling import MultiTaskModel, one_task
 from tunekit.tasks import load_tuned
 from tunekit.tasks.heads import TaskSpec, load_task_model, predict
 from tunekit.tasks.multi_task import load_multitask_model, multitask_meta, multitask_method
+from tunekit.data import read_split
 from tunekit.io import read_json, read_jsonl
 from tunekit.methods import METHODS, MethodError
 from tunekit.models import embedded_minilm
@@ -114,7 +115,7 @@ def test_ingest_and_template_keep_each_task_apart(tokenizer, base_dir, tmp_path)
     (reject,) = read_jsonl(tmp_path / "ingested" / "rejects.jsonl")
     assert (reject["file"], reject["line"], reject["reason"], reject["task"]) == (str(files["topic"]), 3, "empty_content", "topic")
     assert "text is empty" in reject["detail"]
-    rows = [row for split in ("train", "validation", "test") for row in read_jsonl(tmp_path / "ingested" / f"{split}.jsonl")]
+    rows = [row for split in ("train", "validation", "test") for row in read_split(tmp_path / "ingested", split)]
     assert len(rows) == 36 and len({row["id"] for row in rows}) == 36
     assert all(row["id"].startswith(row["task"] + "-") for row in rows)
     assert {row["task"] for row in rows} == {"topic", "ner", "qa"}
@@ -131,7 +132,7 @@ def test_ingest_and_template_keep_each_task_apart(tokenizer, base_dir, tmp_path)
     assert labels["tasks"]["qa"] == {"task": "qa", "labels": [], "multi_label": False, "counts": {}}
     records = {row["id"]: row for row in rows}
     for split in ("train", "validation", "test"):
-        for row in read_jsonl(tokenized / f"{split}.jsonl"):
+        for row in read_split(tokenized, split):
             assert "_line" not in row
             if row["task"] == "topic":
                 assert labels["tasks"]["topic"]["labels"][row["labels"]] == records[row["id"]]["label"]
@@ -158,7 +159,8 @@ def two_tasks(tokenizer, base_dir, tmp_path_factory):
     params = task_params(write_inputs(root / "inputs"), topic={"pooling": "mean"})
     ingest.run(IngestParams(validation=0.0, test=0.0), root / "ingested", params)
     for split in ("validation", "test"):
-        shutil.copy(root / "ingested" / "train.jsonl", root / "ingested" / f"{split}.jsonl")
+        shutil.rmtree(root / "ingested" / split)
+        shutil.copytree(root / "ingested" / "train", root / "ingested" / split)
     template.run(TemplateParams(max_length=32), base_dir, root / "ingested", root / "tokenized", root / "preview", params)
     return params, root / "ingested", root / "tokenized"
 
@@ -191,7 +193,7 @@ def test_saved_checkpoint_reloads_with_identical_predictions(name, two_tasks, ba
     reloaded = [load_tuned(tmp_path).model]  # the base from meta.json's lineage, the adapter or the full weights
     if name != "lora":
         reloaded.append(load_multitask_model(tmp_path))  # full weights stand alone
-    rows = list(read_jsonl(tokenized / "test.jsonl"))
+    rows = list(read_split(tokenized, "test"))
     fresh_model = method.load_base(base_dir)
     for task, spec in specs.items():
         mine = [row for row in rows if row["task"] == task][:6]

@@ -73,7 +73,7 @@ def test_flow_runs_every_stage_and_tracks_it(project):
     run_flow(root, env)
 
     for path in ("models/base/model.safetensors", "models/base/meta.json", "models/base/chat_template.jinja",
-                 "data/ingested/train.jsonl", "data/ingested/rejects.jsonl", "data/tokenized/train.jsonl",
+                 "data/ingested/train/state.json", "data/ingested/rejects.jsonl", "data/tokenized/train/state.json",
                  "reports/template/mask_preview.html", "models/finetune/adapter_model.safetensors",
                  "models/finetune/meta.json", "reports/finetune/loss.png", "reports/evaluate/predictions_tuned.jsonl",
                  "reports/evaluate/report.md", "models/merged/model.safetensors", "models/merged/meta.json", "dvc.lock"):

@@ -18,7 +18,8 @@ from stages import evaluate, finetune, forgetting, merge
 from tests.test_heads import bert_dir, llama_dir, minilm_tokenizer  # noqa: F401 (fixtures)
 from tunekit.demo import generate_regression
 from tunekit.ingest import Reject, TaskRecord, ingest, read_file
-from tunekit.io import read_json, read_jsonl, write_jsonl
+from tunekit.data import read_split, write_rows
+from tunekit.io import read_json, read_jsonl
 from tunekit.metrics import regression_metrics
 from tunekit.params import EvaluateParams, FinetuneParams, ForgettingParams, MergeParams, TaskParams, TemplateParams
 from tunekit.tasks.heads import TaskDataError, tokenize_task
@@ -66,8 +67,8 @@ def test_demo_regression_data_ingests_and_tokenises(minilm_tokenizer, tmp_path):
                           tmp_path / "ingested", tmp_path / "tokenized", tmp_path / "preview")
     assert read_json(tmp_path / "tokenized" / "labels.json")["labels"] == ["rating"]
     assert stats["task"] == "regression" and 1.0 <= stats["train"]["target_mean"] <= 5.0
-    records = {r["id"]: r for r in read_jsonl(tmp_path / "ingested" / "train.jsonl")}
-    for row in read_jsonl(tmp_path / "tokenized" / "train.jsonl"):
+    records = {r["id"]: r for r in read_split(tmp_path / "ingested", "train")}
+    for row in read_split(tmp_path / "tokenized", "train"):
         assert row["labels"] == [records[row["id"]]["target"]] and "token_type_ids" in row
     assert "target: rating" in (tmp_path / "preview" / "mask_preview.html").read_text()
 
@@ -75,12 +76,12 @@ def test_demo_regression_data_ingests_and_tokenises(minilm_tokenizer, tmp_path):
 def test_rows_must_have_the_train_splits_number_of_targets(minilm_tokenizer, tmp_path):  # noqa: F811
     data = tmp_path / "ingested"
     data.mkdir()
-    write_jsonl(data / "train.jsonl", [{"id": "a", "task": "regression", "text": "x", "target": [1.0, 2.0]}])
-    write_jsonl(data / "validation.jsonl", [{"id": "b", "task": "regression", "text": "y", "target": 1.0, "source": "raw:4"}])
-    write_jsonl(data / "test.jsonl", [])
+    write_rows(data / "train", [{"id": "a", "task": "regression", "text": "x", "target": [1.0, 2.0]}])
+    write_rows(data / "validation", [{"id": "b", "task": "regression", "text": "y", "target": 1.0, "source": "raw:4"}])
+    write_rows(data / "test", [])
     for folder in ("out", "preview"):
         (tmp_path / folder).mkdir()
-    with pytest.raises(TaskDataError, match=r"validation.jsonl:1 \(from raw:4\): target has 1 value\(s\) but the targets "
+    with pytest.raises(TaskDataError, match=r"validation:1 \(from raw:4\): target has 1 value\(s\) but the targets "
                                             r"are \['target_0', 'target_1'\]"):
         tokenize_task("regression", TaskParams(type="regression"), 32, minilm_tokenizer, data, tmp_path / "out",
                       tmp_path / "preview")
@@ -114,7 +115,7 @@ def scored_rows(tokenizer, tmp_path: Path) -> tuple[Path, Path]:
     for folder in (ingested, out, preview):
         folder.mkdir(parents=True)
     for split in ("train", "validation", "test"):
-        write_jsonl(ingested / f"{split}.jsonl", records)
+        write_rows(ingested / split, records)
     tokenize_task("regression", TaskParams(type="regression"), 32, tokenizer, ingested, out, preview)
     return ingested, out
 

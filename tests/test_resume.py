@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tunekit.chat import encode_conversation, resolve_chat_template
-from tunekit.io import write_jsonl
+from tunekit.data import write_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,8 +60,8 @@ def tokenized(smollm2_tokenizer, tmp_path_factory) -> Path:
     lengths = sorted(len(row["input_ids"]) for row in rows)
     assert 120 <= lengths[0] and lengths[-1] <= 400, lengths  # long enough that a step is not instant
     data = tmp_path_factory.mktemp("tokenized")
-    write_jsonl(data / "train.jsonl", rows[:50])
-    write_jsonl(data / "validation.jsonl", rows[50:])
+    write_rows(data / "train", rows[:50])
+    write_rows(data / "validation", rows[50:])
     return data
 
 

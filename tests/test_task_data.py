@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 from stages import template as template_stage
 from tunekit.demo import generate_tasks
 from tunekit.ingest import IngestError, Reject, TaskRecord, ingest, read_file
-from tunekit.io import read_jsonl, write_jsonl
+from tunekit.data import read_split, write_rows
+from tunekit.io import read_jsonl
 from tunekit.models import embedded_minilm
 from tunekit.params import TaskParams, TemplateParams
 from tunekit.constants import IGNORE_INDEX
@@ -108,7 +109,7 @@ def test_task_rows_are_normalised_deduplicated_and_split_by_content(tmp_path):
     path = lines(tmp_path / "in" / "c.jsonl", rows)
     metrics = ingest(path, tmp_path / "out", task="classification", validation=0, test=0)
     assert (metrics["accepted"], metrics["duplicates"]) == (3, 1)
-    train = list(read_jsonl(tmp_path / "out" / "train.jsonl"))
+    train = list(read_split(tmp_path / "out", "train"))
     assert [{k: v for k, v in row.items() if k not in ("id", "source")} for row in train] == [
         {"task": "classification", "text": "a", "label": "2"},  # integer class ids become strings
         {"task": "classification", "text": "b", "label": "x"},
@@ -116,7 +117,7 @@ def test_task_rows_are_normalised_deduplicated_and_split_by_content(tmp_path):
     assert train[0]["source"] == f"{path}:1" and len(train[0]["id"]) == 16
     # same content, same id: splits stay stable as data is appended
     again = ingest(path, tmp_path / "out2", task="classification", validation=0.5, test=0.3)
-    ids = {row["id"] for split in ("train", "validation", "test") for row in read_jsonl(tmp_path / "out2" / f"{split}.jsonl")}
+    ids = {row["id"] for split in ("train", "validation", "test") for row in read_split(tmp_path / "out2", split)}
     assert ids == {row["id"] for row in train} and again["accepted"] == 3
 
 
@@ -184,7 +185,7 @@ def test_conll_files_are_ingested_from_a_directory(tmp_path):
     (inputs / "notes.txt").write_text("not read under format auto\n")
     metrics = ingest(inputs, tmp_path / "out", task="token_classification", max_reject_rate=0.5, validation=0, test=0)
     assert (metrics["files"], metrics["accepted"], metrics["rejected"]) == (2, 4, 2)
-    rows = list(read_jsonl(tmp_path / "out" / "train.jsonl"))
+    rows = list(read_split(tmp_path / "out", "train"))
     assert rows[0]["source"] == f"{inputs / 'a.conll'}:3" and rows[0]["task"] == "token_classification"
     # format: conll reads .txt files too (and only CoNLL files)
     (inputs / "notes.txt").write_text("Lyon B-CITY\n")
@@ -238,10 +239,10 @@ def test_label_all_subwords_continues_b_with_i(tokenizer):
 def test_label_all_subwords_needs_the_i_tags_in_a_fixed_label_set(tmp_path, minilm_tokenizer):
     data = tmp_path / "ingested"
     data.mkdir()
-    write_jsonl(data / "train.jsonl", [{"id": "1", "source": "f:1", "task": "token_classification",
+    write_rows(data / "train", [{"id": "1", "source": "f:1", "task": "token_classification",
                                         "tokens": ["Tallinn"], "tags": ["B-CITY"]}])
-    write_jsonl(data / "validation.jsonl", [])
-    write_jsonl(data / "test.jsonl", [])
+    write_rows(data / "validation", [])
+    write_rows(data / "test", [])
     for d in ("out", "prev"):
         (tmp_path / d).mkdir()
     params = TaskParams(type="token_classification", labels=["O", "B-CITY"], label_all_subwords=True)
@@ -373,20 +374,20 @@ def test_template_stage_writes_the_task_rows(tmp_path, name, task):
                                  TaskParams(type=task, doc_stride=32))
     info = load_labels(out)
     assert info["task"] == task and info["multi_label"] is False
-    rows = list(read_jsonl(out / "train.jsonl"))
-    assert rows and metrics["train"]["examples"] == len(list(read_jsonl(data / "train.jsonl")))
+    rows = list(read_split(out, "train"))
+    assert rows and metrics["train"]["examples"] == len(list(read_split(data, "train")))
     assert all(len(row["input_ids"]) <= 96 for row in rows)
     if task == "classification":
         assert info["labels"] == sorted(info["labels"]) and len(info["labels"]) >= 4
-        assert set(rows[0]) == {"id", "input_ids", "token_type_ids", "labels"} and isinstance(rows[0]["labels"], int)
+        assert set(rows[0]) == {"id", "input_ids", "token_type_ids", "labels", "length"} and isinstance(rows[0]["labels"], int)
     elif task == "token_classification":
         assert "O" in info["labels"] and {"B-CITY", "I-CITY", "B-PRODUCT", "I-PRODUCT"} <= set(info["labels"])
-        assert set(rows[0]) == {"id", "input_ids", "labels", "word_ids", "n_words"}
+        assert set(rows[0]) == {"id", "input_ids", "labels", "word_ids", "n_words", "length"}
     else:
         assert info["labels"] == []
-        assert set(rows[0]) == {"id", "example_id", "input_ids", "token_type_ids", "offsets", "start_positions",
+        assert set(rows[0]) == {"id", "example_id", "length", "input_ids", "token_type_ids", "offsets", "start_positions",
                                 "end_positions"}
-        records = {r["id"]: r for r in read_jsonl(data / "train.jsonl")}
+        records = {r["id"]: r for r in read_split(data, "train")}
         for row in rows:
             record = records[row["example_id"]]
             if row["start_positions"]:
@@ -402,16 +403,16 @@ def test_template_stage_writes_the_task_rows(tmp_path, name, task):
 def test_multi_label_rows_are_multi_hot_and_pairs_keep_segments(tmp_path, minilm_tokenizer):
     data = tmp_path / "ingested"
     data.mkdir()
-    write_jsonl(data / "train.jsonl", [
+    write_rows(data / "train", [
         {"id": "a", "source": "f:1", "task": "classification", "text_a": "late parcel", "text_b": "refund", "label": ["b", "c"]},
         {"id": "b", "source": "f:2", "task": "classification", "text_a": "x " * 80, "text_b": "y " * 80, "label": ["a"]}])
-    write_jsonl(data / "validation.jsonl", [])
-    write_jsonl(data / "test.jsonl", [])
+    write_rows(data / "validation", [])
+    write_rows(data / "test", [])
     (tmp_path / "out").mkdir()
     (tmp_path / "prev").mkdir()
     metrics = tokenize_task("classification", TaskParams(type="classification"), 32, minilm_tokenizer, data,
                             tmp_path / "out", tmp_path / "prev")
-    rows = list(read_jsonl(tmp_path / "out" / "train.jsonl"))
+    rows = list(read_split(tmp_path / "out", "train"))
     assert [row["labels"] for row in rows] == [[0, 1, 1], [1, 0, 0]]
     assert load_labels(tmp_path / "out")["multi_label"] is True
     assert set(rows[0]["token_type_ids"]) == {0, 1} and len(rows[1]["input_ids"]) == 32
@@ -423,16 +424,16 @@ def test_a_label_outside_the_set_names_file_line_and_label(tmp_path, minilm_toke
     data = tmp_path / "ingested"
     data.mkdir()
     row = {"source": "raw.jsonl:1", "task": "classification", "text": "t"}
-    write_jsonl(data / "train.jsonl", [{"id": "1", **row, "label": "a"}, {"id": "2", **row, "label": "b"}])
-    write_jsonl(data / "validation.jsonl", [{"id": "3", **row, "label": "a"}, {"id": "4", **row, "source": "raw.jsonl:9",
+    write_rows(data / "train", [{"id": "1", **row, "label": "a"}, {"id": "2", **row, "label": "b"}])
+    write_rows(data / "validation", [{"id": "3", **row, "label": "a"}, {"id": "4", **row, "source": "raw.jsonl:9",
                                                                                "label": "zzz"}])
-    write_jsonl(data / "test.jsonl", [])
+    write_rows(data / "test", [])
     for d in ("out", "prev"):
         (tmp_path / d).mkdir()
-    with pytest.raises(TaskDataError, match=r'validation.jsonl:2 \(from raw.jsonl:9\): label "zzz" is not in the label set'):
+    with pytest.raises(TaskDataError, match=r'validation:2 \(from raw.jsonl:9\): label "zzz" is not in the label set'):
         tokenize_task("classification", TaskParams(type="classification"), 32, minilm_tokenizer, data,
                       tmp_path / "out", tmp_path / "prev")
-    with pytest.raises(TaskDataError, match=r'train.jsonl:2 .*label "b" is not in the label set \[\'a\', \'zzz\'\] '
+    with pytest.raises(TaskDataError, match=r'train:2 .*label "b" is not in the label set \[\'a\', \'zzz\'\] '
                                             r'\(task.labels in params.yaml\)'):
         tokenize_task("classification", TaskParams(type="classification", labels=["a", "zzz"]), 32, minilm_tokenizer,
                       data, tmp_path / "out", tmp_path / "prev")
@@ -454,7 +455,8 @@ def test_task_sft_leaves_the_chat_template_stage_unchanged(tmp_path, tiny_model_
     with_task = template_stage.run(TemplateParams(), tiny_model_dir, data, tmp_path / "b", tmp_path / "pb", TaskParams())
     assert plain == with_task and "trained_fraction" in plain
     for split in ("train", "validation", "test"):
-        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+        for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json"):
+            assert (tmp_path / "a" / split / name).read_bytes() == (tmp_path / "b" / split / name).read_bytes()
     assert not (tmp_path / "b" / "labels.json").exists()
 
 

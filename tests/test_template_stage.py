@@ -1,12 +1,12 @@
 """The template stage: metrics, truncation reporting and packing on real ingested records."""
 
-import json
 
 import pytest
 
 from stages import template
 from tunekit.chat import IGNORE_INDEX
-from tunekit.io import read_jsonl, write_jsonl
+from tunekit.data import read_split, write_rows
+from tunekit.io import read_jsonl
 from tunekit.params import TemplateParams
 
 
@@ -23,9 +23,9 @@ def records(n: int, long_every: int = 0) -> list[dict]:
 def ingested(tmp_path):
     data = tmp_path / "ingested"
     data.mkdir()
-    write_jsonl(data / "train.jsonl", records(12, long_every=4))
-    write_jsonl(data / "validation.jsonl", records(3))
-    write_jsonl(data / "test.jsonl", records(3))
+    write_rows(data / "train", records(12, long_every=4))
+    write_rows(data / "validation", records(3))
+    write_rows(data / "test", records(3))
     return data
 
 
@@ -39,7 +39,7 @@ def test_over_long_conversations_are_counted_listed_and_never_trained_silently(t
     dropped = list(read_jsonl(tmp_path / "preview/dropped.jsonl"))
     assert [d["id"] for d in dropped] == ["r0", "r4", "r8"]
     assert all("max_length" in d["reason"] and d["source"] for d in dropped)
-    rows = list(read_jsonl(tmp_path / "tok/train.jsonl"))
+    rows = list(read_split(tmp_path / "tok", "train"))
     assert len(rows) == 9 and all(any(label != IGNORE_INDEX for label in row["labels"]) for row in rows)
     assert metrics["eot_trained_fraction"] == 1.0
     assert 0 < metrics["trained_fraction"] < 0.5
@@ -52,15 +52,15 @@ def test_packing_fills_rows_and_keeps_every_trained_token(tiny_model_dir, ingest
     unpacked = template.run(TemplateParams(max_length=512), tiny_model_dir, ingested, tmp_path / "a", tmp_path / "pa")
     packed = template.run(TemplateParams(max_length=512, packing=True), tiny_model_dir, ingested, tmp_path / "b", tmp_path / "pb")
 
-    rows = list(read_jsonl(tmp_path / "b/train.jsonl"))
+    rows = list(read_split(tmp_path / "b", "train"))
     assert packed["train"]["packed_rows"] == len(rows) < unpacked["train"]["examples"]
     assert 0 < packed["train"]["packing_efficiency"] <= 1
     for row in rows:
         assert len(row["input_ids"]) <= 512 and sum(row["seq_lens"]) == len(row["input_ids"])
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert len(starts) == len(row["seq_lens"])
-    trained_unpacked = sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in read_jsonl(tmp_path / "a/train.jsonl"))
+    trained_unpacked = sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in read_split(tmp_path / "a", "train"))
     trained_packed = sum(sum(x != IGNORE_INDEX for x in r["labels"]) for r in rows)
     assert trained_packed == trained_unpacked  # the first token of a conversation is never trained anyway
     # Held-out splits are never packed: evaluation scores one conversation at a time.
-    assert "position_ids" not in json.loads((tmp_path / "b/test.jsonl").read_text().splitlines()[0])
+    assert "position_ids" not in read_split(tmp_path / "b", "test")[0]

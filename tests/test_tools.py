@@ -12,7 +12,7 @@ from stages import template as template_stage
 from tunekit.chat import IGNORE_INDEX, encode_conversation, render, resolve_chat_template
 from tunekit.generate import prompts_from_conversations
 from tunekit.ingest import Record, Reject, ingest, read_file
-from tunekit.io import read_jsonl
+from tunekit.data import read_split
 from tunekit.params import TemplateParams
 
 from tests.test_chat import assert_trained_exactly, decode
@@ -122,7 +122,7 @@ def test_ingest_writes_tools_and_hashes_them(tmp_path: Path) -> None:
     (tmp_path / "in/a.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
     metrics = ingest(tmp_path / "in", tmp_path / "out", validation=0, test=0)
     assert metrics["accepted"] == 3 and metrics["duplicates"] == 1  # the same messages with and without tools differ
-    rows = list(read_jsonl(tmp_path / "out/train.jsonl"))
+    rows = list(read_split(tmp_path / "out", "train"))
     assert [row.get("tools") for row in rows] == [[WEATHER, TIME], [WEATHER, TIME], None]
     assert len({row["id"] for row in rows}) == 3
 
@@ -178,8 +178,8 @@ def test_template_stage_renders_the_records_tools(tiny_model_dir, tmp_path: Path
     params = TemplateParams(chat_template=str(tmp_path / "qwen.jinja"), max_length=1024)
     metrics = template_stage.run(params, tiny_model_dir, tmp_path / "ingested", tmp_path / "tok", tmp_path / "preview")
     assert metrics["eot_trained_fraction"] == 1.0 and metrics["dropped_no_trained_tokens"] == 0
-    rows = {row["id"]: row for split in ("train", "validation", "test") for row in read_jsonl(tmp_path / f"tok/{split}.jsonl")}
-    records = [r for split in ("train", "validation", "test") for r in read_jsonl(tmp_path / f"ingested/{split}.jsonl")]
+    rows = {row["id"]: row for split in ("train", "validation", "test") for row in read_split(tmp_path / "tok", split)}
+    records = [r for split in ("train", "validation", "test") for r in read_split(tmp_path / "ingested", split)]
     assert len(rows) == len(records) == 6
     tokenizer = template_stage.load_tokenizer(tiny_model_dir)
     for record in records:

@@ -35,6 +35,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tunekit.data import jsonl_to_split
 from tunekit.toolcalls import ToolDataError, check_tool_results, normalise_tool_calls, normalise_tools, tool_result_fields
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
@@ -56,6 +57,10 @@ for _fmt, _task in FORMAT_TASK.items():
     TASK_TYPES[_task] = (*TASK_TYPES.get(_task, ()), _fmt)
 TASK_OF_FORMAT = {fmt: task for fmt, task in FORMAT_TASK.items() if fmt not in FORMATS}
 CONLL_SUFFIXES = (".conll",)  # detected as CoNLL under auto; with ingest.format: conll also .txt
+TABLE_SUFFIXES = (".parquet", ".csv")  # read row by row like JSONL lines (rejects name the row number)
+HUB_PREFIX = "hub:"  # ingest.inputs: hub:owner/name, a data set on the Hugging Face Hub (needs network)
+# CSV cells that hold a JSON list or object (a CSV cell is text): parsed before the record is validated.
+_JSON_CELLS = ("messages", "conversations", "tools", "tokens", "tags", "answers")
 SPLITS = ("train", "validation", "test")
 
 # The keys a line must have to be read as each format. Other keys are ignored, so user metadata
@@ -133,8 +138,10 @@ def input_files(inputs: str | Path, suffixes: tuple[str, ...] = (".jsonl",)) -> 
     suffixes is (".jsonl",) except for token classification, where CoNLL files (.conll; .txt with
     ingest.format: conll) are read too; see `suffixes_for`.
     """
+    if str(inputs).startswith(HUB_PREFIX):
+        return [Path(str(inputs))]
     path = Path(inputs)
-    if path.is_file():
+    if path.is_file() or is_dataset_dir(path):
         return [path]
     if path.is_dir():
         # Hidden paths are tool leftovers (.ipynb_checkpoints, .git, our own .tmp dirs) that would
@@ -148,12 +155,20 @@ def input_files(inputs: str | Path, suffixes: tuple[str, ...] = (".jsonl",)) -> 
             return files
         patterns = " / ".join(f"*{suffix}" for suffix in suffixes)
         raise IngestError(
-            f"input directory {path} contains no {patterns} files (searched recursively, hidden paths skipped); "
-            f"add {patterns} files there or point ingest.inputs in params.yaml at a file"
+            f"input directory {path} contains no {patterns} files (searched recursively, hidden paths skipped) and is "
+            f"not a `datasets` save_to_disk directory; add {patterns} files there or point ingest.inputs in "
+            "params.yaml at a file"
         )
     raise IngestError(
-        f"input {path} does not exist; set ingest.inputs in params.yaml to a .jsonl file or a directory of them"
+        f"input {path} does not exist; set ingest.inputs in params.yaml to a .jsonl, .parquet or .csv file, a "
+        "directory of them, a `datasets` save_to_disk directory or hub:owner/name"
     )
+
+
+def is_dataset_dir(path: Path) -> bool:
+    """Whether `path` is a directory `datasets.Dataset(Dict).save_to_disk` wrote."""
+    path = Path(path)
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
 def suffixes_for(task: str, fmt: str) -> tuple[str, ...]:
@@ -161,8 +176,8 @@ def suffixes_for(task: str, fmt: str) -> tuple[str, ...]:
     if fmt == "conll":
         return (*CONLL_SUFFIXES, ".txt")
     if "conll" in TASK_TYPES[task] and fmt == "auto":
-        return (".jsonl", *CONLL_SUFFIXES)
-    return (".jsonl",)
+        return (".jsonl", *TABLE_SUFFIXES, *CONLL_SUFFIXES)
+    return (".jsonl", *TABLE_SUFFIXES)
 
 
 def read_file(path: Path, fmt: str = "auto", max_chars: int = 16000,
@@ -206,7 +221,8 @@ def ingest(inputs: str | Path, out_dir: Path, fmt: str = "auto", max_chars: int 
     _check_fractions(validation, test)
     _check_reject_rate(max_reject_rate)
     files = input_files(inputs, suffixes_for(task, fmt))
-    _check_no_overlap(Path(inputs), Path(out_dir))
+    if not str(inputs).startswith(HUB_PREFIX):
+        _check_no_overlap(Path(inputs), Path(out_dir))
 
     def write(tmp: Path) -> dict:
         tally = _Tally()
@@ -285,9 +301,17 @@ def _replace_dir(out_dir: Path, write) -> dict:
 
 @contextmanager
 def _split_files(tmp: Path) -> Iterator[dict[str, Any]]:
+    """Open files for the rows of each split (JSONL spools in tmp/.work, written to a `datasets` directory
+    tmp/<split> when the block ends: tunekit.data) and for tmp/rejects.jsonl. Streamed: one row in memory."""
+    work = tmp / ".work"
+    work.mkdir()
     with ExitStack() as stack:
-        yield {name: stack.enter_context(open(tmp / f"{name}.jsonl", "w", encoding="utf-8"))
-               for name in (*SPLITS, "rejects")}
+        files = {name: stack.enter_context(open(work / f"{name}.jsonl", "w", encoding="utf-8")) for name in SPLITS}
+        files["rejects"] = stack.enter_context(open(tmp / "rejects.jsonl", "w", encoding="utf-8"))
+        yield files
+    for name in SPLITS:
+        jsonl_to_split(work / f"{name}.jsonl", tmp / name)
+    shutil.rmtree(work)
 
 
 @dataclass
@@ -426,10 +450,150 @@ def _check_no_overlap(inputs: Path, out_dir: Path) -> None:
 
 def _read_any(path: Path, fmt: str, max_chars: int, task: str = "sft"
               ) -> Iterator[tuple[Record | TaskRecord | Reject | None, bytes]]:
-    """CoNLL text files for format conll (or a .conll file under token_classification), JSONL otherwise."""
+    """CoNLL text files for format conll (or a .conll file under token_classification); Parquet, CSV, a
+    save_to_disk directory or a hub data set row by row; JSONL otherwise."""
+    if str(path).startswith(HUB_PREFIX):
+        return _read_sources(_hub_sources(str(path)[len(HUB_PREFIX):]), fmt, max_chars, task)
+    if is_dataset_dir(path):
+        return _read_sources(_dataset_sources(path), fmt, max_chars, task)
     if fmt == "conll" or (fmt == "auto" and "conll" in TASK_TYPES[task] and path.name.endswith(CONLL_SUFFIXES)):
         return _read_conll(path, max_chars)
+    if path.name.endswith(".parquet"):
+        return _read_objects(str(path), _parquet_rows(path), fmt, max_chars, task)
+    if path.name.endswith(".csv"):
+        return _read_objects(str(path), _csv_rows(path), fmt, max_chars, task)
     return _read_lines(path, fmt, max_chars, task)
+
+
+def _read_sources(sources: Iterator[tuple[str, Iterator]], fmt: str, max_chars: int, task: str) -> Iterator:
+    """Each (name, rows) source (a split of a data set) read like one file: its own format detection."""
+    for name, rows in sources:
+        yield from _read_objects(name, rows, fmt, max_chars, task)
+
+
+def _without_nulls(value: Any) -> Any:
+    """A table row as the JSON object it stands for: Arrow structs give every row every field of the
+    column, null where the row had none, so null fields of objects are taken as absent (ingest treats a
+    null `content` and an absent one alike)."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number from 1, row) of a Parquet file, 1024 rows in memory at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        row = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                row += 1
+                yield row, _without_nulls(obj)
+    except (pa.ArrowException, OSError) as exc:
+        raise IngestError(f"{path}: not a readable Parquet file ({exc}); re-export it, or convert it to JSONL") from None
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject]]:
+    """(data row number from 1, the row as an object) of a CSV file with a header row. Cells are text; the
+    cells of _JSON_CELLS columns (and a `label` written as a JSON list, a numeric `target`) are parsed as
+    JSON, a cell that is not valid JSON there is the row's reject."""
+    import csv
+
+    name = str(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            for row_no, cells in enumerate(reader, start=1):
+                if None in cells:
+                    yield row_no, Reject(name, row_no, "wrong_format",
+                                         f"row {row_no} has {len(cells) - 1 + len(cells[None])} cells but the header "
+                                         f"names {len(cells) - 1} columns; quote cells that contain commas")
+                    continue
+                try:
+                    yield row_no, {key: _csv_cell(key, value) for key, value in cells.items() if value is not None}
+                except _Bad as bad:
+                    yield row_no, Reject(name, row_no, bad.reason, bad.detail)
+    except UnicodeDecodeError as exc:
+        raise IngestError(f"{path}: byte 0x{exc.object[exc.start]:02x} is not valid UTF-8; re-save the file as UTF-8 "
+                          "(e.g. iconv -f latin1 -t utf-8)") from None
+    except csv.Error as exc:
+        raise IngestError(f"{path}: not readable as CSV ({exc}); re-export it with a header row") from None
+
+
+def _csv_cell(key: str, value: str) -> Any:
+    if key in _JSON_CELLS or (key == "label" and value.lstrip().startswith("[")):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise _Bad("invalid_json", f"column {key} holds {_describe(value)}, not valid JSON ({exc.msg} at column "
+                                       f"{exc.colno}); a CSV cell of {key} must be a JSON list or object") from None
+    if key == "target":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # rejected as not_a_number, with the value shown
+    return value
+
+
+def _dataset_sources(path: Path) -> Iterator[tuple[str, Iterator]]:
+    """A save_to_disk directory: one source per split of a DatasetDict (named <dir>/<split>), or the Dataset."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path), keep_in_memory=False)
+    except Exception as exc:
+        raise IngestError(f"{path}: not a readable `datasets` save_to_disk directory ({exc}); save it again with "
+                          "Dataset.save_to_disk, or export it to JSONL") from None
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
+    for split, dataset in parts:
+        yield (str(path) if split is None else f"{path}/{split}"), _dataset_rows(dataset)
+
+
+def _dataset_rows(dataset) -> Iterator[tuple[int, dict[str, Any]]]:
+    row = 0
+    for batch in dataset.iter(batch_size=256):
+        for values in zip(*batch.values()):
+            row += 1
+            yield row, _without_nulls(dict(zip(batch, values)))
+
+
+def _hub_sources(repo: str) -> Iterator[tuple[str, Iterator]]:
+    """A data set on the Hugging Face Hub, streamed split by split (needs network; nothing is cached)."""
+    offline = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+               if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")]
+    reason = f"{' and '.join(offline)} is set" if offline else None
+    if reason is None and not _online():
+        reason = "huggingface.co cannot be reached"
+    if reason is not None:
+        raise IngestError(
+            f"ingest.inputs is {HUB_PREFIX}{repo}, a data set on the Hugging Face Hub, but this machine has no network "
+            f"({reason}). On a machine with network run\n"
+            f"  python -c 'import datasets; datasets.load_dataset(\"{repo}\").save_to_disk(\"data/raw/{repo.split('/')[-1]}\")'\n"
+            f"copy data/raw/{repo.split('/')[-1]} here and set ingest.inputs: data/raw/{repo.split('/')[-1]} in params.yaml "
+            "(a save_to_disk directory is read like a file), or export the data to JSONL, Parquet or CSV")
+    import datasets
+
+    loaded = datasets.load_dataset(repo, streaming=True)
+    for split, dataset in loaded.items():
+        def rows(dataset=dataset) -> Iterator[tuple[int, dict[str, Any]]]:
+            for row, obj in enumerate(dataset, start=1):
+                yield row, _without_nulls(obj)
+        yield f"{HUB_PREFIX}{repo}/{split}", rows()
+
+
+def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
@@ -449,30 +613,48 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
                 yield line_no, None, f"byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}"
 
 
+def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | Reject | None]]:
+    """(line number, the line's object) per physical line of a JSONL file; a Reject for a line that is not
+    UTF-8 or not a JSON object, None for a blank line."""
+    name = str(path)
+    for line_no, text, bad_byte in _decoded_lines(path):
+        if text is None:
+            yield line_no, Reject(name, line_no, "invalid_utf8",
+                                  f"{bad_byte} of the line is not valid UTF-8; "
+                                  "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+        elif not text.strip():
+            yield line_no, None
+        else:
+            try:
+                yield line_no, _parse_object(text)
+            except _Bad as bad:
+                yield line_no, Reject(name, line_no, bad.reason, bad.detail)
+
+
 def _read_lines(path: Path, fmt: str, max_chars: int, task: str = "sft"
                 ) -> Iterator[tuple[Record | TaskRecord | Reject | None, bytes]]:
-    """One pair per physical line: (None, b"") for a blank line, else the line's Record or Reject.
+    """One pair per physical line: (None, b"") for a blank line, else the line's Record or Reject."""
+    return _read_objects(str(path), _json_lines(path), fmt, max_chars, task)
+
+
+def _read_objects(name: str, objects: Iterator[tuple[int, dict[str, Any] | Reject | None]], fmt: str, max_chars: int,
+                  task: str = "sft") -> Iterator[tuple[Record | TaskRecord | Reject | None, bytes]]:
+    """One pair per input object (a JSONL line, a table row): (None, b"") for a blank line, else its Record
+    or Reject, reported at `name` and the object's line (row) number.
 
     A Record comes with the full sha256 of its canonical messages, which ingest dedups on; handing it
     over saves hashing every record twice.
     """
-    name = str(path)
     # (format, line it was detected from); line 0 means the caller forced the format.
     detected: tuple[str, int] | None = None if fmt == "auto" else (fmt, 0)
     # classification: (multi-label?, line it was decided on): one kind of label per file.
     label_kind: tuple[bool, int] | None = None
     chat = TASK_TYPES[task] == FORMATS  # conversations, not the fields of a head's record
-    for line_no, text, bad_byte in _decoded_lines(path):
-        if text is None:
-            yield Reject(name, line_no, "invalid_utf8",
-                         f"{bad_byte} of the line is not valid UTF-8; "
-                         "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"), b""
-            continue
-        if not text.strip():
-            yield None, b""
+    for line_no, obj in objects:
+        if obj is None or isinstance(obj, Reject):
+            yield obj, b""
             continue
         try:
-            obj = _parse_object(text)
             if detected is None:
                 found = _format_of(obj, ALL_FORMATS)
                 if found is not None and found not in TASK_TYPES[task]:

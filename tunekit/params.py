@@ -64,6 +64,7 @@ class TemplateParams(Section):
     max_length: int = Field(512, gt=8)
     packing: bool = False
     preview_examples: int = Field(8, ge=0)
+    num_proc: int = Field(0, ge=0)
 
 
 def _check_labels(labels: list[str] | None) -> list[str] | None:

@@ -190,7 +190,8 @@ def log_datasets(mlflow: Any, kind: str, splits: dict[str, Path]) -> None:
     """`mlflow.log_input` for each data split a stage reads: dataset `<kind>/<split>` (e.g.
     `tokenized/train`) with context = the split name, the file's content hash (first 16 hex digits,
     as in the `data.*` tags) as digest, the file as source and its row count as a tag. Metadata only:
-    the rows stay in DVC, so the same data shows up as the same dataset digest across runs."""
+    the rows stay in DVC, so the same data shows up as the same dataset digest across runs. A split is a
+    `datasets` directory (tunekit.data) or a JSONL file."""
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -198,13 +199,18 @@ def log_datasets(mlflow: Any, kind: str, splits: dict[str, Path]) -> None:
 
     for split, path in splits.items():
         path = Path(path)
-        if not path.is_file():
+        if path.is_dir() and (path / "state.json").is_file():  # a `datasets` split (tunekit.data)
+            import datasets
+
+            rows = datasets.load_from_disk(str(path)).num_rows
+        elif path.is_file():
+            with open(path, "rb") as handle:
+                rows = sum(1 for line in handle if line.strip())
+        else:
             continue
         with warnings.catch_warnings():  # a local path matches MLflow's local source type twice
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(str(path.resolve()))
-        with open(path, "rb") as handle:
-            rows = sum(1 for line in handle if line.strip())
         dataset = MetaDataset(source, name=f"{kind}/{split}", digest=content_hash(path)[:16])
         mlflow.log_input(dataset, context=split, tags={"rows": str(rows), "path": str(path)})
 

@@ -7,13 +7,14 @@ and calls its functions; no stage compares a task kind's name.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunekit.ingest import ingest
-from tunekit.io import read_jsonl
+from tunekit.data import read_split
 from tunekit.tracking import data_tags
 
 Model = Any  # torch.nn.Module; this module stays free of torch
@@ -122,8 +123,8 @@ def check_rows(params, data_dir: Path, task: str | None = None) -> list[dict]:
     """The held-out rows a merged checkpoint is checked on: test, else validation (multi-task: those of
     the task named `task`), at most merge.check_examples."""
     def held_out(split: str) -> list[dict]:
-        return [row for row in read_jsonl(data_dir / f"{split}.jsonl")
-                if task is None or row.get("task") == task][:params.check_examples]
+        return list(itertools.islice((row for row in read_split(data_dir, split)
+                                      if task is None or row.get("task") == task), params.check_examples))
 
     rows = held_out("test") or held_out("validation")
     if not rows:

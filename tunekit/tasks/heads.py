@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tunekit.constants import IGNORE_INDEX, LABELS_FILE, SPLITS
-from tunekit.io import read_json, read_jsonl
+from tunekit.data import map_rows, num_proc, read_split, remove_work_dir, save_dataset, write_rows
+from tunekit.io import read_json
 from tunekit.modeling import (HEAD_CONFIG, HEAD_WEIGHTS, HeadShape, MultiTaskModel, TaskError, forward,
                               head_config, is_encoder, load_auto_head_model, load_head_base, load_multitask_backbone,
                               load_pooled_classifier, pad_inputs, resolve_pooling)
@@ -466,64 +468,69 @@ def preview_html(task: str, rows: list[dict], tokenizer: Any, labels: list[str],
             f'{"".join(sections)}</body></html>\n')
 
 
-def _check_rows(rows: list[dict], task: str, file: Path) -> None:
-    for line, row in enumerate(rows, start=1):
-        found = row.get("task", "sft")
+def _check_rows(rows: Rows, task: str, file: Path) -> None:
+    for line, found in enumerate(rows.column("task") if "task" in rows.columns else ["sft"] * len(rows), start=1):
+        found = found or "sft"
         if found != task:
             raise TaskDataError(
-                f"{file}:{line}: the row is {found} data but task.type is {task}; the ingested data is stale or from "
+                f"{file} row {line}: the row is {found} data but task.type is {task}; the ingested data is stale or from "
                 f"other inputs: run the ingest stage again with task.type: {task} (dvc repro ingest)")
 
 
 def tokenize_task(task: str, task_params: Any, max_length: int, tokenizer: Any, data_dir: Path, out_dir: Path,
-                  preview_dir: Path, preview_examples: int = 8) -> dict:
-    """Tokenise data_dir/{train,validation,test}.jsonl for `task` into out_dir (rows + labels.json) and
-    write the preview into preview_dir. Both directories must exist (the caller's atomic temporaries).
-    Returns the metrics: per split examples, tokens, truncated, and per task extras."""
-    from tunekit.io import write_json, write_jsonl
+                  preview_dir: Path, preview_examples: int = 8, processes: int = 0) -> dict:
+    """Tokenise the splits of data_dir (`datasets` directories) for `task` into out_dir (a dataset per split
+    + labels.json) and write the preview into preview_dir. Both directories must exist (the caller's atomic
+    temporaries). Returns the metrics: per split examples, tokens, truncated, and per task extras."""
+    from tunekit.io import write_json
 
     if task not in _KINDS:
         raise TaskDataError(f"task.type {task!r} is not a head task; use one of {', '.join(_KINDS)}")
-    data = {split: list(read_jsonl(Path(data_dir) / f"{split}.jsonl")) for split in SPLITS}
+    data = {split: read_split(data_dir, split) for split in SPLITS}
     for split in SPLITS:
-        _check_rows(data[split], task, Path(data_dir) / f"{split}.jsonl")
-    out, info, metrics = tokenize_splits(task, task_params, max_length, tokenizer, data, Path(data_dir))
-    for split in SPLITS:
-        write_jsonl(Path(out_dir) / f"{split}.jsonl", out[split])
+        _check_rows(data[split], task, Path(data_dir) / split)
+    work = Path(out_dir) / ".work"
+    try:
+        out, info, metrics = tokenize_splits(task, task_params, max_length, tokenizer, data, Path(data_dir), work,
+                                             processes)
+        for split in SPLITS:
+            save_dataset(out[split].dataset, Path(out_dir) / split)
+    finally:
+        remove_work_dir(work)
     write_json(Path(out_dir) / LABELS_FILE, info)
     (Path(preview_dir) / "mask_preview.html").write_text(
         preview_html(task, out["train"][:preview_examples], tokenizer, info["labels"], preview_examples), encoding="utf-8")
     return metrics
 
 
-def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any, data: dict[str, list[dict]],
-                    data_dir: Path) -> tuple[dict[str, list[dict]], dict[str, Any], dict[str, Any]]:
-    """(tokenised rows per split, the labels.json content, metrics) of one task's ingested rows."""
+def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any, data: dict[str, Rows],
+                    data_dir: Path, work: Path, processes: int = 0
+                    ) -> tuple[dict[str, Rows], dict[str, Any], dict[str, Any]]:
+    """(tokenised rows per split, the labels.json content, metrics) of one task's ingested rows. The rows
+    are tokenised with Dataset.map over the memory-mapped splits (`processes`: template.num_proc) and
+    written as they come into datasets under `work` (returned as memory-mapped `Rows`): memory does not
+    grow with the data, and the output does not depend on the number of processes."""
     kind = head_kind(task)
     if not data["train"]:
-        raise TaskDataError(f"{data_dir / 'train.jsonl'} is empty: nothing to train on")
-    labels, multi = kind.build_labels(data["train"], task_params, str(data_dir / "train.jsonl"))
+        raise TaskDataError(f"{data_dir / 'train'} is empty: nothing to train on")
+    labels, multi = kind.build_labels(data["train"], task_params, str(data_dir / "train"))
     origin = "task.labels in params.yaml" if task_params.labels is not None else "read from the train split"
     label2id = {label: i for i, label in enumerate(labels)}
     counts: Counter[str] = Counter()
     metrics: dict[str, Any] = {}
-    out: dict[str, list[dict]] = {}
+    out: dict[str, Rows] = {}
     for split in SPLITS:
         rows = data[split]
-        kind.check_labels(rows, labels, multi, str(data_dir / f"{split}.jsonl"), origin)
+        kind.check_labels(rows, labels, multi, str(data_dir / split), origin)
         if split == "train":
             for row in rows:
                 counts.update(kind.row_labels(row))
-        out_rows: list[dict] = []
         stats: dict[str, Any] = {"examples": len(rows), "truncated": 0}
-        for begin in tqdm(range(0, len(rows), _BATCH), desc=f"template {task} ({split})", unit="batch",
-                          dynamic_ncols=True, disable=None):
-            encoded, batch_stats = kind.encode(rows[begin:begin + _BATCH], tokenizer, label2id, multi, task_params,
-                                               max_length)
-            for key, value in batch_stats.items():
-                stats[key] = stats.get(key, 0) + value
-            out_rows += encoded
-        stats["tokens"] = sum(len(row["input_ids"]) for row in out_rows)
+        encoded = _encoded_rows(kind, rows, stats, f"template {task} ({split})", Path(work) / f"{task}-{split}",
+                                processes, tokenizer, label2id, multi, task_params, max_length)
+        write_rows(Path(work) / task / split, encoded, Path(work))
+        out_rows = read_split(Path(work) / task, split)
+        stats["tokens"] = sum(out_rows.lengths())
         kind.split_stats(rows, out_rows, stats)
         out[split] = out_rows
         metrics[split] = stats
@@ -535,6 +542,39 @@ def tokenize_splits(task: str, task_params: Any, max_length: int, tokenizer: Any
     metrics["examples"] = sum(metrics[s]["examples"] for s in SPLITS)
     kind.finish_metrics(metrics)
     return out, info, metrics
+
+
+def _map_encode(kind: HeadKind, encode_args: tuple) -> Callable[[list[dict]], dict[str, list]]:
+    """The Dataset.map function of a head kind: `kind.encode` on a batch of rows; each output row as JSON
+    text (its columns differ by kind and may hold nulls, e.g. QA offsets), its length, and the batch's
+    stats on the batch's first output row."""
+    def encode(rows: list[dict]) -> dict[str, list]:
+        encoded, batch_stats = kind.encode(rows, *encode_args)
+        if rows and not encoded:
+            raise TaskDataError(f"{kind.name}: a batch of {len(rows)} rows was encoded into no rows")
+        return {"row": [json.dumps(row, ensure_ascii=False) for row in encoded],
+                "length": [len(row["input_ids"]) for row in encoded],
+                "stats": [json.dumps(batch_stats)] + [None] * (len(encoded) - 1)}
+    return encode
+
+
+def _encoded_rows(kind: HeadKind, rows: Rows, stats: dict[str, Any], desc: str, work: Path, processes: int,
+                  *encode_args) -> Iterator[dict]:
+    """The kind's encoding of `rows` through Dataset.map (_BATCH rows a call, `processes` processes, the cache
+    file in `work`), each row with its `length`, in input order; the batches' stats added into `stats`."""
+    if not len(rows):
+        return
+    from datasets import Features, Value
+
+    features = Features({"row": Value("string"), "length": Value("int32"), "stats": Value("string")})
+    mapped = map_rows(rows.dataset, _map_encode(kind, encode_args), work, work.name,
+                      processes=num_proc(processes, len(rows)), batch_size=_BATCH, desc=desc, features=features)
+    for text in mapped.data.column("stats").to_pylist():
+        for key, value in json.loads(text or "{}").items():
+            stats[key] = stats.get(key, 0) + value
+    for batch in mapped.iter(batch_size=1000):
+        for text, length in zip(batch["row"], batch["length"]):
+            yield {**json.loads(text), "length": length}
 
 
 def check_known_labels(rows: Sequence[dict], labels: list[str], file: str, origin: str,
@@ -552,8 +592,6 @@ def check_known_labels(rows: Sequence[dict], labels: list[str], file: str, origi
 
 
 def _quoted(label: str) -> str:
-    import json
-
     return json.dumps(label)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ import torch
 
 from tunekit.constants import LABELS_FILE, SPLITS
 from tunekit.ingest import IngestError, ingest_tasks
-from tunekit.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from tunekit.data import Rows, read_split, remove_work_dir, write_rows
+from tunekit.io import atomic_dir, write_json, write_jsonl
 from tunekit.modeling import MODEL_INPUTS, MultiTaskModel, TaskError, load_multitask_backbone, lora_targets, one_task
 from tunekit.models import load_tokenizer
 from tunekit.plots import write_csv
@@ -199,39 +201,41 @@ def ingest_tags(params, task_params) -> dict[str, str]:
 
 
 def tokenize_tasks(task_params: Any, max_length: int, tokenizer: Any, data_dir: Path, out_dir: Path,
-                   preview_dir: Path, preview_examples: int = 8) -> dict:
+                   preview_dir: Path, preview_examples: int = 8, processes: int = 0) -> dict:
     """Multi-task (`task.type: multi_task`): the rows of each task of `task_params.tasks` (ingested with
     `"task": <name>`) tokenised and aligned by that task's own rules and settings (`task_params.subtask`),
     each output row keeping its `"task"`; one set of split files, labels.json with every task's label set
     under "tasks" ({"task": "multi_task", "tasks": {name: {"task": type, "labels", ...}}}) and one preview
     page per task (mask_preview_<name>.html, linked from mask_preview.html). Metrics per task under
     "tasks", totals at the top."""
-    from tunekit.io import write_json, write_jsonl
+    from tunekit.io import write_json
 
     names = list(task_params.tasks)
-    data = {split: list(read_jsonl(Path(data_dir) / f"{split}.jsonl")) for split in SPLITS}
+    data = {split: read_split(data_dir, split) for split in SPLITS}
+    tasks_of = {split: data[split].column("task") if "task" in data[split].columns else [None] * len(data[split])
+                for split in SPLITS}
     for split in SPLITS:
-        for line, row in enumerate(data[split], start=1):
-            if row.get("task") not in task_params.tasks:
+        for line, found in enumerate(tasks_of[split], start=1):
+            if found not in task_params.tasks:
                 raise TaskDataError(
-                    f"{Path(data_dir) / f'{split}.jsonl'}:{line}: the row belongs to task {row.get('task', 'sft')!r}, "
+                    f"{Path(data_dir) / split} row {line}: the row belongs to task {found or 'sft'!r}, "
                     f"which is not one of task.tasks {names}; the ingested data is stale or from other inputs: run "
                     "the ingest stage again (dvc repro ingest)")
-    out: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    work = Path(out_dir) / ".work"
+    outputs: dict[str, dict[str, Rows]] = {}
     labels: dict[str, Any] = {}
     metrics: dict[str, Any] = {"task": "multi_task", "tasks": {}}
     links = []
     for name in names:
         sub = task_params.subtask(name)
-        mine = {split: [{**row, FILE_LINE: line} for line, row in enumerate(data[split], start=1) if row["task"] == name]
-                for split in SPLITS}
+        mine = {split: _task_rows(data[split], tasks_of[split], name) for split in SPLITS}
         try:
-            rows, info, task_metrics = tokenize_splits(sub.type, sub, max_length, tokenizer, mine, Path(data_dir))
+            rows, info, task_metrics = tokenize_splits(sub.type, sub, max_length, tokenizer, mine, Path(data_dir),
+                                                       work / name, processes)
         except TaskDataError as exc:
             raise TaskDataError(f"task.tasks.{name} ({sub.type}): {exc}".replace("task.labels", f"task.tasks.{name}.labels")
                                 .replace("task.label_all_subwords", f"task.tasks.{name}.label_all_subwords")) from None
-        for split in SPLITS:
-            out[split] += [{**row, "task": name} for row in rows[split]]
+        outputs[name] = rows
         labels[name] = info
         metrics["tasks"][name] = task_metrics
         page = f"mask_preview_{name}.html"
@@ -240,7 +244,8 @@ def tokenize_tasks(task_params: Any, max_length: int, tokenizer: Any, data_dir: 
             encoding="utf-8")
         links.append(f'<li><a href="{html.escape(page)}">{html.escape(name)}</a> ({html.escape(sub.type)})</li>')
     for split in SPLITS:
-        write_jsonl(Path(out_dir) / f"{split}.jsonl", out[split])
+        write_rows(Path(out_dir) / split, ({**row, "task": name} for name in names for row in outputs[name][split]),
+                   work)
         metrics[split] = {key: sum(metrics["tasks"][name][split][key] for name in names)
                           for key in ("examples", "tokens", "truncated")}
     write_json(Path(out_dir) / LABELS_FILE, {"task": "multi_task", "tasks": labels})
@@ -249,11 +254,23 @@ def tokenize_tasks(task_params: Any, max_length: int, tokenizer: Any, data_dir: 
         f"<h1>multi-task preview</h1><ul>{''.join(links)}</ul></body></html>\n", encoding="utf-8")
     for key in ("labels", "truncated", "examples"):
         metrics[key] = sum(metrics["tasks"][name][key] for name in names)
+    remove_work_dir(work)
     return metrics
 
 
+def _task_rows(rows: Rows, tasks: list[str | None], name: str, numbered: bool = True) -> Rows:
+    """The rows of task `name` (a memory-mapped selection), each with its row number in the split as
+    FILE_LINE when `numbered`."""
+    indices = [i for i, found in enumerate(tasks) if found == name]
+    dataset = rows.dataset
+    if len(dataset) and numbered:
+        dataset = dataset.add_column(FILE_LINE, list(range(1, len(dataset) + 1)))
+    return Rows(dataset.select(indices))
+
+
 def tokenize(template, task_params, tokenizer, data_dir: Path, out: Path, preview: Path) -> dict:
-    return tokenize_tasks(task_params, template.max_length, tokenizer, data_dir, out, preview, template.preview_examples)
+    return tokenize_tasks(task_params, template.max_length, tokenizer, data_dir, out, preview, template.preview_examples,
+                          template.num_proc)
 
 
 def template_summary(metrics: dict) -> str:
@@ -329,19 +346,19 @@ def evaluate(params, template, task_params, model_dir: Path, data_dir: Path, tok
     meta = task_meta
     specs = multitask_specs(meta)
     tokenizer = load_tokenizer(model_dir)
-    all_rows, all_records = list(read_jsonl(tokenized_dir / "test.jsonl")), list(read_jsonl(data_dir / "test.jsonl"))
-    train_records = list(read_jsonl(data_dir / "train.jsonl"))
+    all_rows, all_records = read_split(tokenized_dir, "test"), read_split(data_dir, "test")
+    train_records = read_split(data_dir, "train")
     data, allow_null = {}, {}
     for name in specs:
-        data[name] = select_test_rows(params.max_examples, [r for r in all_rows if r.get("task") == name],
-                                      [r for r in all_records if r.get("task") == name])
+        data[name] = select_test_rows(params.max_examples, _task_rows(all_rows, all_rows.column("task"), name, False),
+                                      _task_rows(all_records, all_records.column("task"), name, False))
         if not data[name][0]:
-            raise SystemExit(f"{tokenized_dir / 'test.jsonl'} holds no rows of task {name}: raise ingest.test or add data")
+            raise SystemExit(f"{tokenized_dir / 'test'} holds no rows of task {name}: raise ingest.test or add data")
     # n_best / max_answer_length from params.yaml; a task no longer listed there scores with the defaults
     settings = {name: task_params.subtask(name) if task_params is not None and name in task_params.tasks else None
                 for name in specs}
     for name, spec in specs.items():
-        records = [r for r in train_records + data[name][1] if r.get("task") == name]
+        records = (r for r in itertools.chain(train_records, data[name][1]) if r.get("task") == name)
         allow_null[name] = spec.kind.score_settings(settings[name], records).get("allow_null")
     log.info("multi-task %s: scoring each task's predictions on its test rows (%s)", ", ".join(specs),
              ", ".join(f"{name}: {len(rows)}" for name, (rows, _) in data.items()))

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from tunekit.chat import Encoded, encode_conversation, end_of_turn_marker, pack, preview_html, resolve_chat_template
 from tunekit.checkpoints import CheckpointMeta
@@ -31,7 +30,8 @@ from tunekit.constants import IGNORE_INDEX, MODEL_ORDER, PEFT_METHODS, SPLITS
 from tunekit.generate import (Prompt, few_shot_records, generate_samples, load_metrics, prompts_from_conversations,
                               score_code, score_generations)
 from tunekit.metric_modules import MetricModuleError
-from tunekit.io import atomic_dir, is_merged, not_merged_reason, read_jsonl, write_jsonl
+from tunekit.data import Rows, map_rows, num_proc, read_split, remove_work_dir, save_dataset, write_rows
+from tunekit.io import atomic_dir, is_merged, not_merged_reason, write_jsonl
 from tunekit.methods import load_tuned
 from tunekit.models import load_causal_lm, load_tokenizer, resolve_checkpoint
 from tunekit.params import EvaluateParams, TemplateParams
@@ -46,49 +46,112 @@ log = logging.getLogger("tunekit")
 # ---------------------------------------------------------------- template
 
 
-def encode_split(records: list[dict], tokenizer, chat_template: str, params: TemplateParams, split: str
-                 ) -> tuple[list[tuple[dict, Encoded]], list[dict], dict]:
-    kept, dropped = [], []
-    truncated = eot_trained = trained = total = 0
-    for record in tqdm(records, desc=f"template ({split})", unit="conv", dynamic_ncols=True):
-        encoded = encode_conversation(record["messages"], tokenizer, chat_template, params.train_on, params.max_length,
-                                      tools=record.get("tools"))
-        n_trained = sum(label != IGNORE_INDEX for label in encoded.labels)
-        truncated += encoded.truncated
-        if n_trained == 0:
-            dropped.append({"id": record["id"], "source": record.get("source"), "split": split,
-                            "reason": "no trained token left after truncation to template.max_length"
-                            if encoded.truncated else "no assistant turn is trained (train: false / train_on)"})
-            continue
-        eot_trained += encoded.eot_trained
-        trained += n_trained
-        total += len(encoded.input_ids)
-        kept.append((record, encoded))
-    stats = {"examples": len(kept), "dropped_no_trained_tokens": len(dropped), "truncated": truncated,
-             "eot_trained": eot_trained, "trained_tokens": trained, "tokens": total,
-             "trained_fraction": trained / max(total, 1)}
-    return kept, dropped, stats
+PACK_WINDOW = 20_000  # conversations packed together (best-fit within a window): bounded memory at any corpus size
+
+
+def _encode_batch(tokenizer, chat_template: str, params: TemplateParams):
+    """The Dataset.map function: each conversation of a batch rendered, tokenised and masked by
+    tunekit.chat.encode_conversation (its guarantee is the one the stage gives), with the counts the
+    metrics and dropped.jsonl need."""
+    def encode(records: list[dict]) -> dict[str, list]:
+        out: dict[str, list] = {key: [] for key in TOKENIZED_FEATURES}
+        for record in records:
+            encoded = encode_conversation(record["messages"], tokenizer, chat_template, params.train_on,
+                                          params.max_length, tools=record.get("tools"))
+            out["id"].append(record["id"])
+            out["source"].append(record.get("source"))
+            out["input_ids"].append(encoded.input_ids)
+            out["labels"].append(encoded.labels)
+            out["length"].append(len(encoded.input_ids))
+            out["trained"].append(sum(label != IGNORE_INDEX for label in encoded.labels))
+            out["truncated"].append(encoded.truncated)
+            out["eot_trained"].append(encoded.eot_trained)
+        return out
+    return encode
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    return Features({"id": Value("string"), "source": Value("string"), "input_ids": List(Value("int32")),
+                     "labels": List(Value("int32")), "length": Value("int32"), "trained": Value("int32"),
+                     "truncated": Value("bool"), "eot_trained": Value("bool")})
+
+
+TOKENIZED_FEATURES = ("id", "source", "input_ids", "labels", "length", "trained", "truncated", "eot_trained")
+KEPT_COLUMNS = ["id", "input_ids", "labels", "length"]  # what data/tokenized/<split> holds (unpacked)
+
+
+def encode_split(records, tokenizer, chat_template: str, params: TemplateParams, split: str, work: Path):
+    """(the encoded split as a dataset of kept rows, dropped rows, stats): `records` a memory-mapped split."""
+    from datasets import Dataset
+
+    features = _features()
+    if not isinstance(records, Rows):  # rows in memory (benchmarks, tests): through a dataset file, like a split
+        write_rows(work / f"{split}-input", records, work)
+        records = read_split(work, f"{split}-input")
+    source = records.dataset
+    if len(source) == 0:
+        encoded = Dataset.from_dict({key: [] for key in features}, features=features)
+    else:
+        encoded = map_rows(source, _encode_batch(tokenizer, chat_template, params), work, f"template-{split}",
+                           processes=num_proc(params.num_proc, len(source)), desc=f"template ({split})",
+                           features=features)
+    table = encoded.data
+    trained = table.column("trained").to_numpy()
+    kept = [int(i) for i in (trained > 0).nonzero()[0]]
+    dropped = []
+    for i in (trained == 0).nonzero()[0]:
+        row = encoded[int(i)]
+        dropped.append({"id": row["id"], "source": row["source"], "split": split,
+                        "reason": "no trained token left after truncation to template.max_length"
+                        if row["truncated"] else "no assistant turn is trained (train: false / train_on)"})
+    lengths = table.column("length").to_numpy()
+    truncated = table.column("truncated").to_numpy()
+    eot = table.column("eot_trained").to_numpy()
+    stats = {"examples": len(kept), "dropped_no_trained_tokens": len(dropped), "truncated": int(truncated.sum()),
+             "eot_trained": int(eot[trained > 0].sum()), "trained_tokens": int(trained.sum()),
+             "tokens": int(lengths[trained > 0].sum())}
+    stats["trained_fraction"] = stats["trained_tokens"] / max(stats["tokens"], 1)
+    return encoded.select(kept) if len(kept) < len(encoded) else encoded, dropped, stats
+
+
+def _packed_rows(kept, max_length: int):
+    """Packed training rows, PACK_WINDOW conversations at a time (tunekit.chat.pack within each window)."""
+    for start in range(0, len(kept), PACK_WINDOW):
+        window = kept.select_columns(["input_ids", "labels"])[start:start + PACK_WINDOW]
+        examples = [{"input_ids": ids, "labels": labels} for ids, labels in zip(window["input_ids"], window["labels"])]
+        for row in pack(examples, max_length):
+            yield {**row, "length": len(row["input_ids"])}
 
 
 def tokenize(params, task_params, tokenizer, data_dir: Path, out: Path, preview: Path) -> dict:
-    """Every split rendered, tokenised and masked into `out`; the mask preview and dropped.jsonl into `preview`."""
+    """Every split rendered, tokenised and masked into `out` (a dataset per split: id, input_ids, labels,
+    length; packed: input_ids, labels, position_ids, seq_lens, length); the mask preview and dropped.jsonl
+    into `preview`. Map cache files go to a work directory inside `out`, removed before it is published."""
     chat_template = resolve_chat_template(params.chat_template, tokenizer)
     metrics: dict = {}
     all_dropped: list[dict] = []
     preview_examples: list[Encoded] = []
-    for split in SPLITS:
-        records = list(read_jsonl(data_dir / f"{split}.jsonl"))
-        kept, dropped, stats = encode_split(records, tokenizer, chat_template, params, split)
-        all_dropped += dropped
-        rows = [{"id": record["id"], "input_ids": enc.input_ids, "labels": enc.labels} for record, enc in kept]
-        if split == "train":
-            preview_examples = [enc for _, enc in kept[:params.preview_examples]]
-            if params.packing and rows:
-                rows = pack([enc for _, enc in kept], params.max_length)
-                stats["packed_rows"] = len(rows)
-                stats["packing_efficiency"] = stats["tokens"] / (len(rows) * params.max_length)
-        write_jsonl(out / f"{split}.jsonl", rows)
-        metrics[split] = stats
+    work = out / ".work"
+    try:
+        for split in SPLITS:
+            records = read_split(data_dir, split)
+            kept, dropped, stats = encode_split(records, tokenizer, chat_template, params, split, work / split)
+            all_dropped += dropped
+            if split == "train":
+                first = kept[:params.preview_examples] if len(kept) and params.preview_examples else {
+                    key: [] for key in TOKENIZED_FEATURES}
+                preview_examples = [Encoded(*values) for values in zip(
+                    first["input_ids"], first["labels"], first["truncated"], first["eot_trained"])]
+            if split == "train" and params.packing and len(kept):
+                stats["packed_rows"] = write_rows(out / split, _packed_rows(kept, params.max_length), work)
+                stats["packing_efficiency"] = stats["tokens"] / (stats["packed_rows"] * params.max_length)
+            else:
+                save_dataset(kept.select_columns(KEPT_COLUMNS), out / split)
+            metrics[split] = stats
+    finally:
+        remove_work_dir(work)
     (preview / "mask_preview.html").write_text(
         preview_html(preview_examples, tokenizer, n=params.preview_examples), encoding="utf-8")
     write_jsonl(preview / "dropped.jsonl", all_dropped)
@@ -231,17 +294,17 @@ def evaluate(params, template, task_params, model_dir: Path, data_dir: Path, tok
     tokenizer = load_tokenizer(model_dir)
     chat_template = resolve_chat_template(template.chat_template, tokenizer)
     eot = end_of_turn_marker(tokenizer, chat_template)
-    records = list(read_jsonl(data_dir / "test.jsonl"))
-    tokenized = list(read_jsonl(tokenized_dir / "test.jsonl"))
+    records = read_split(data_dir, "test")
+    tokenized = read_split(tokenized_dir, "test")
     if params.max_examples:
         records, tokenized = records[:params.max_examples], tokenized[:params.max_examples]
     if not records:
-        raise SystemExit(f"{data_dir / 'test.jsonl'} is empty: raise ingest.test or add data")
+        raise SystemExit(f"{data_dir / 'test'} is empty: raise ingest.test or add data")
     prompts = prompts_from_conversations(records, tokenizer, chat_template)
 
     few_shot_prompts, few_shot_rows = None, None
     if params.few_shot is not None:
-        train = list(read_jsonl(data_dir / "train.jsonl"))
+        train = read_split(data_dir, "train")
         try:
             shots = few_shot_records(records, train, params.few_shot.k, seed)
         except ValueError as exc:

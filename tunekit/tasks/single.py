@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tunekit.io import atomic_dir, is_merged, not_merged_reason, read_jsonl, write_json, write_jsonl
+from tunekit.data import read_split
+from tunekit.io import atomic_dir, is_merged, not_merged_reason, write_json, write_jsonl
 from tunekit.methods import load_tuned
 from tunekit.models import load_tokenizer, resolve_checkpoint
 from tunekit.plots import write_csv
@@ -73,7 +74,7 @@ def head_task(kind: HeadKind) -> Task:
 
     def tokenize(template, task_params, tokenizer, data_dir: Path, out: Path, preview: Path) -> dict:
         return tokenize_task(kind.name, task_params, template.max_length, tokenizer, data_dir, out, preview,
-                             template.preview_examples)
+                             template.preview_examples, template.num_proc)
 
     def summary(metrics: dict) -> str:
         return (f"template ({kind.name}): {metrics['examples']} examples, {metrics['labels']} labels, "
@@ -121,12 +122,11 @@ def head_task(kind: HeadKind) -> Task:
         (linear probing) and with lora / full for the value of fine-tuning the encoder itself."""
         spec = TaskSpec.from_meta(task_meta)
         tokenizer = load_tokenizer(model_dir)
-        rows, records = select_test_rows(params.max_examples, list(read_jsonl(tokenized_dir / "test.jsonl")),
-                                         list(read_jsonl(data_dir / "test.jsonl")))
+        rows, records = select_test_rows(params.max_examples, read_split(tokenized_dir, "test"),
+                                         read_split(data_dir, "test"))
         if not rows:
-            raise SystemExit(f"{tokenized_dir / 'test.jsonl'} is empty: raise ingest.test or add data")
-        settings = kind.score_settings(task_params, [r for split in ("train", "test")
-                                                     for r in read_jsonl(data_dir / f"{split}.jsonl")])
+            raise SystemExit(f"{tokenized_dir / 'test'} is empty: raise ingest.test or add data")
+        settings = kind.score_settings(task_params, (r for split in ("train", "test") for r in read_split(data_dir, split)))
         log.info("task %s: generation, few-shot prompting and HumanEval do not apply to a %s head; scoring its "
                  "predictions on %d test rows instead", spec.type, spec.type, len(rows))
         results, predictions, extras = {}, {}, {}

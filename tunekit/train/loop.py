@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tunekit.data import lengths_of
 from tunekit.train.batches import IGNORE, BatchPlan, collate, total_steps, trained_tokens
 from tunekit.train.checkpointing import (CheckpointSchedule, latest_checkpoint, load_trainable_state, restore_checkpoint,
                                          save_checkpoint, trainable_state)
@@ -83,7 +84,7 @@ def _train(model, train_rows, val_rows, cfg, pad_id, ckpt_dir, on_step, replay_r
         torch.manual_seed(cfg.seed * 1000 + rank)  # each rank its own dropout stream
     barrier()  # nobody moves on (and rank 0 may soon replace checkpoints) before every rank has read them
 
-    plan = BatchPlan([len(row["input_ids"]) for row in train_rows], cfg, world, len(replay_rows or []))
+    plan = BatchPlan(lengths_of(train_rows), cfg, world, len(replay_rows or []))
     base_lr = optimizer.param_groups[0]["initial_lr"]
 
     def micro_batch(index: int) -> dict[str, torch.Tensor] | None:

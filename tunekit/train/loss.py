@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunekit.data import lengths_of
 from tunekit.train.batches import IGNORE, collate, trained_tokens
 
 log = logging.getLogger("tunekit")
@@ -165,7 +166,8 @@ def evaluate_loss(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    lengths = lengths_of(rows)
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
         batch = (objective.collate if objective else collate)([rows[i] for i in order[start:start + batch_size]], pad_id)
         loss, n = objective.loss_sum(model, batch) if objective else token_loss_sum(model, batch, full_forward)
