@@ -19,7 +19,8 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from tests import test_heads
 from tunekit.collapse import prior_check, prior_cross_entropy
-from tunekit.io import read_json, read_jsonl
+from tunekit.data import read_split
+from tunekit.io import read_json
 from tunekit.params import CollapseParams, ParamsError, EvaluateParams, FinetuneParams, TaskParams, TemplateParams, validate_section
 from tunekit.tasks import qa, regression, token_classification
 from tunekit.tasks.heads import (TaskObjective, TaskSpec, collate_task, load_task_base, resolve_class_weights, score_task,
@@ -61,7 +62,7 @@ def test_collapse_fires_on_a_collapsed_model_and_stays_quiet_on_a_trained_one(ta
                                                                                tmp_path, caplog):
     ingested, data = tokenized(task, minilm_tokenizer, tmp_path)
     spec = _spec(data, task)
-    rows, records = list(read_jsonl(data / "test.jsonl")), list(read_jsonl(ingested / "test.jsonl"))
+    rows, records = list(read_split(data, "test")), list(read_split(ingested, "test"))
     pad = minilm_tokenizer.pad_token_id
     collapsed = _force(load_task_base(bert_dir, spec), spec, label)
     with caplog.at_level(logging.INFO, logger="tunekit"):
@@ -84,7 +85,7 @@ def test_collapse_fires_on_a_collapsed_model_and_stays_quiet_on_a_trained_one(ta
         base, _, _ = score_task(collapsed, spec, rows, records, pad, 16, "base", TaskParams(type=task))
     assert base["collapsed"] == 1 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
-    good = _train(load_task_base(bert_dir, spec), spec, list(read_jsonl(data / "train.jsonl")), pad, tmp_path)
+    good = _train(load_task_base(bert_dir, spec), spec, list(read_split(data, "train")), pad, tmp_path)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="tunekit"):
         metrics, _, _ = score_task(good, spec, rows, records, pad, 16, "tuned", TaskParams(type=task))
@@ -230,7 +231,7 @@ def test_finetune_warns_when_val_loss_stays_at_the_label_prior(lr, below, bert_d
     from stages import finetune
 
     _, data = tokenized("token_classification", minilm_tokenizer, tmp_path)
-    train_rows = list(read_jsonl(data / "train.jsonl"))
+    train_rows = list(read_split(data, "train"))
     labels = read_json(data / "labels.json")["labels"]
     counts = [0] * len(labels)
     for row in train_rows:
@@ -257,7 +258,7 @@ def test_finetune_warns_when_val_loss_stays_at_the_label_prior(lr, below, bert_d
 
 def test_token_class_weights_match_torch_cross_entropy(bert_dir, minilm_tokenizer, tmp_path):
     _, data = tokenized("token_classification", minilm_tokenizer, tmp_path)
-    rows = list(read_jsonl(data / "train.jsonl"))
+    rows = list(read_split(data, "train"))
     info = read_json(data / "labels.json")
     labels = info["labels"]
     tokens = [label for row in rows for label in row["labels"] if label != -100]  # -100 never counts
@@ -302,8 +303,8 @@ def test_token_class_weights_match_torch_cross_entropy(bert_dir, minilm_tokenize
 def test_per_class_scores_equal_the_libraries(task, bert_dir, minilm_tokenizer, tmp_path):
     ingested, data = tokenized(task, minilm_tokenizer, tmp_path)
     spec = _spec(data, task)
-    rows, records = list(read_jsonl(data / "test.jsonl")), list(read_jsonl(ingested / "test.jsonl"))
-    model = _train(load_task_base(bert_dir, spec), spec, list(read_jsonl(data / "train.jsonl")),
+    rows, records = list(read_split(data, "test")), list(read_split(ingested, "test"))
+    model = _train(load_task_base(bert_dir, spec), spec, list(read_split(data, "train")),
                    minilm_tokenizer.pad_token_id, tmp_path, epochs=8)  # part-trained: scores between 0 and 1
     metrics, predictions, _ = score_task(model, spec, rows, records, minilm_tokenizer.pad_token_id, 16, "tuned",
                                          TaskParams(type=task))
