@@ -22,8 +22,8 @@ Model = Any  # torch.nn.Module; this module stays free of torch
 
 @dataclass(frozen=True)
 class Training:
-    """What the finetune stage trains for a kind: the objective handed to tunekit.train (None: its
-    causal-LM loss over trained tokens), the method re-targeted at the kind's model, the meta.json
+    """What the finetune stage trains for a kind: the objective handed to tunekit.train (SFT: its causal-LM loss
+    over trained tokens, tunekit.train.loss.LanguageModeling), the method re-targeted at the kind's model, the meta.json
     "task" of the checkpoint (None for SFT) and what the loss is averaged over."""
     objective: Any
     method: Any

@@ -38,7 +38,7 @@ from tunekit.params import EvaluateParams, TemplateParams
 from tunekit.plots import write_csv
 from tunekit.report import markdown_report, metrics_png, table_rows
 from tunekit.tasks.base import CardFacts, MergeCheck, Task, Training, check_rows, identity, ingest_inputs, ingest_tags
-from tunekit.train import collate, evaluate_loss
+from tunekit.train import LanguageModeling, collate, evaluate_loss
 
 log = logging.getLogger("tunekit")
 
@@ -177,7 +177,7 @@ def template_summary(metrics: dict) -> str:
 
 
 def training(task_params, params, method, model_dir: Path, data_dir: Path, train_rows: list[dict]) -> Training:
-    return Training(None, method, None, "tokens")
+    return Training(LanguageModeling(method.full_forward), method, None, "tokens")
 
 
 def retarget(method, task_meta: dict) -> Any:

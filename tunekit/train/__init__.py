@@ -39,8 +39,8 @@ from tunekit.train.checkpointing import (CHECKPOINT_MIN_SECONDS, CHECKPOINT_TARG
 from tunekit.train.config import BF16_ON_CPU, TrainConfig, TrainState
 from tunekit.train.distributed import barrier, dist_info, reduced_loss
 from tunekit.train.loop import train
-from tunekit.train.loss import (LOSS_CHUNK, PackingWithVirtualTokens, accumulate_gradients, evaluate_loss,
-                                linear_cross_entropy_sum, token_loss_sum)
+from tunekit.train.loss import (LOSS_CHUNK, LanguageModeling, PackingWithVirtualTokens, accumulate_gradients,
+                                evaluate_loss, linear_cross_entropy_sum, objective_of, token_loss_sum)
 from tunekit.train.memory import checkpoint_mlps, grouped_query_sdpa, regenerate_lora_dropout, release_freed_memory
 from tunekit.train.optim import (add_l2_to_init_gradient, l2_anchors, l2_to_init_penalty, make_optimizer,
                                  make_scheduler, param_groups)
@@ -53,6 +53,7 @@ __all__ = [
                                    "LOSS_CHUNK",
                                    "BatchPlan",
                                    "CheckpointSchedule",
+                                   "LanguageModeling",
                                    "PackingWithVirtualTokens",
                                    "TrainConfig",
                                    "TrainState",
@@ -72,6 +73,7 @@ __all__ = [
                                    "load_trainable_state",
                                    "make_optimizer",
                                    "make_scheduler",
+                                   "objective_of",
                                    "param_groups",
                                    "reduced_loss",
                                    "regenerate_lora_dropout",

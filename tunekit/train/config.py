@@ -37,8 +37,9 @@ class TrainConfig:
                                                 # "auto": "mlp" where the model has such blocks, else nothing
     release_memory: bool = False         # glibc: large freed buffers go back to the OS (release_freed_memory): less
                                          # memory, much slower; off everywhere, kept for memory-bound runs
-    # Task heads (tunekit.tasks.heads.TaskObjective): its collate / count / loss_sum replace the LM ones, so
-    # the loss is normalised per example (or labelled token) of a whole step; None = causal-LM loss.
+    # What is trained: an object with collate / count / loss_sum, e.g. tunekit.train.loss.LanguageModeling (SFT, dapt:
+    # the loss per trained token) or a task head's tunekit.tasks.heads.TaskObjective (per example or labelled token
+    # of a whole step); None = LanguageModeling(full_forward).
     objective: Any = None
 
 

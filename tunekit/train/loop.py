@@ -13,13 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from tunekit.data import lengths_of
-from tunekit.train.batches import IGNORE, BatchPlan, collate, total_steps, trained_tokens
+from tunekit.train.batches import IGNORE, BatchPlan, total_steps
 from tunekit.train.checkpointing import (CheckpointSchedule, latest_checkpoint, load_trainable_state, restore_checkpoint,
                                          save_checkpoint, trainable_state)
 from tunekit.train.config import TrainConfig, TrainState
 from tunekit.train.distributed import (all_reduce_gradients, all_reduce_sum, barrier, broadcast_parameters, dist_info,
                                        reduced_loss)
-from tunekit.train.loss import accumulate_gradients
+from tunekit.train.loss import accumulate_gradients, objective_of
 from tunekit.train.memory import (autocast_for, checkpoint_mlps, grouped_query_sdpa, regenerate_lora_dropout,
                                   release_freed_memory)
 from tunekit.train.optim import add_l2_to_init_gradient, l2_anchors, make_optimizer, make_scheduler
@@ -84,12 +84,13 @@ def _train(model, train_rows, val_rows, cfg, pad_id, ckpt_dir, on_step, replay_r
         torch.manual_seed(cfg.seed * 1000 + rank)  # each rank its own dropout stream
     barrier()  # nobody moves on (and rank 0 may soon replace checkpoints) before every rank has read them
 
+    objective = objective_of(cfg.objective, cfg.full_forward)
     plan = BatchPlan(lengths_of(train_rows), cfg, world, len(replay_rows or []))
     base_lr = optimizer.param_groups[0]["initial_lr"]
 
     def micro_batch(index: int) -> dict[str, torch.Tensor] | None:
         picked = [train_rows[i] if kind == "task" else replay_rows[i] for kind, i in plan.shard(index, rank)]
-        return (cfg.objective.collate if cfg.objective else collate)(picked, pad_id) if picked else None
+        return objective.collate(picked, pad_id) if picked else None
 
     def probe() -> None:
         with (autocast() if autocast else contextlib.nullcontext()):
@@ -103,11 +104,11 @@ def _train(model, train_rows, val_rows, cfg, pad_id, ckpt_dir, on_step, replay_r
     while state.step < steps and not state.stopped_early:
         micro = [micro_batch(state.step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
         micro = [batch for batch in micro if batch is not None]
-        local_tokens = sum((cfg.objective.count if cfg.objective else trained_tokens)(batch) for batch in micro)
+        local_tokens = sum(objective.count(batch) for batch in micro)
         replay_tokens = sum(sum(label != IGNORE for label in replay_rows[i]["labels"][1:]) for k in range(cfg.grad_accum)
                             for i in plan.replay_rows(state.step * cfg.grad_accum + k)) if plan.replay else 0
         step_tokens = int(all_reduce_sum([float(local_tokens)], device)[0]) if world > 1 else local_tokens
-        step_loss, _ = accumulate_gradients(model, micro, cfg.full_forward, step_tokens, autocast, cfg.objective)
+        step_loss, _ = accumulate_gradients(model, micro, cfg.full_forward, step_tokens, autocast, objective)
         if world > 1:
             step_loss = all_reduce_sum([step_loss], device)[0]
             all_reduce_gradients(trainable)
@@ -128,7 +129,7 @@ def _train(model, train_rows, val_rows, cfg, pad_id, ckpt_dir, on_step, replay_r
 
         if val_rows and (state.step % cfg.eval_every == 0 or state.step == steps):
             with (autocast() if autocast else contextlib.nullcontext()):
-                val = reduced_loss(model, val_rows, pad_id, cfg.batch_size, cfg.full_forward, cfg.objective)
+                val = reduced_loss(model, val_rows, pad_id, cfg.batch_size, cfg.full_forward, objective)
             state.evals.append({"step": state.step, "val_loss": val})
             if state.best_loss is None or val < state.best_loss:
                 state.best_loss, state.best_step, state.evals_without_improvement = val, state.step, 0

@@ -1,6 +1,7 @@
 """The causal-LM loss summed over trained tokens (the LM head and cross-entropy fused and chunked, run
 only at trained positions), its accumulation over the micro-batches of one optimizer step, and the
-evaluation loss. A task objective (tunekit.tasks: `TrainConfig.objective`) replaces the LM loss."""
+evaluation loss. An objective (`LanguageModeling` here; a task kind's in tunekit.tasks: `TrainConfig.objective`)
+says how rows are batched, what the loss is averaged over and what the loss is."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -137,6 +139,27 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     return _chunked_head_loss(hidden, weight, targets, chunk, False, False)[0]
 
 
+@dataclass(frozen=True)
+class LanguageModeling:
+    """The causal-LM objective of SFT and dapt: next-token cross-entropy summed over the trained tokens (labels not
+    IGNORE). A task kind's objective (tunekit.tasks.heads.TaskObjective) has the same three functions."""
+    full_forward: bool = False  # Method.full_forward: the model's own forward (virtual tokens), see token_loss_sum
+
+    def collate(self, rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate(rows, pad_id)
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return trained_tokens(batch)
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return token_loss_sum(model, batch, self.full_forward)
+
+
+def objective_of(objective: Any, full_forward: bool = False) -> Any:
+    """`objective`, or the causal-LM objective where none is given (TrainConfig's default)."""
+    return objective if objective is not None else LanguageModeling(full_forward)
+
+
 def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
                          full_forward: bool = False, step_tokens: int | None = None,
                          autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -148,12 +171,13 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[st
     `step_tokens` overrides that count (several processes: the count over every rank's micro-batches,
     so the returned loss is this rank's share of the global mean). `autocast` wraps the forwards only.
     """
+    objective = objective_of(objective, full_forward)
     if step_tokens is None:
-        step_tokens = sum((objective.count if objective else trained_tokens)(batch) for batch in micro_batches)
+        step_tokens = sum(objective.count(batch) for batch in micro_batches)
     step_loss = 0.0
     for batch in micro_batches:
         with (autocast() if autocast else contextlib.nullcontext()):
-            loss_sum, _ = objective.loss_sum(model, batch) if objective else token_loss_sum(model, batch, full_forward)
+            loss_sum, _ = objective.loss_sum(model, batch)
         (loss_sum / max(step_tokens, 1)).backward()
         step_loss += float(loss_sum.detach())
     return step_loss / max(step_tokens, 1), step_tokens
@@ -163,14 +187,15 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[st
 def evaluate_loss(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int,
                   full_forward: bool = False, objective: Any = None) -> dict[str, float]:
     """Mean loss over all trained tokens of `rows` (`objective`: over its units), and its perplexity."""
+    objective = objective_of(objective, full_forward)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     lengths = lengths_of(rows)
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
-        batch = (objective.collate if objective else collate)([rows[i] for i in order[start:start + batch_size]], pad_id)
-        loss, n = objective.loss_sum(model, batch) if objective else token_loss_sum(model, batch, full_forward)
+        batch = objective.collate([rows[i] for i in order[start:start + batch_size]], pad_id)
+        loss, n = objective.loss_sum(model, batch)
         total += float(loss)
         count += n
     model.train(was_training)
