@@ -15,7 +15,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The suite computes on the CPU, also on a machine with a GPU; tests/test_cuda.py sets cuda itself.
+# The suite computes on the CPU, also on a machine with a GPU; tests/gpu/test_cuda.py sets cuda itself.
 os.environ.setdefault("TUNEKIT_DEVICE", "cpu")
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """A tiny copy of this project in a temporary directory (git + DVC initialised, tiny Llama as the base),
-for tests that run the Prefect flow end to end. The params are tests/test_pipeline.py's tiny ones."""
+for tests that run the Prefect flow end to end. The params are tests/e2e/test_pipeline.py's tiny ones."""
 
 import os
 import shutil
@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import REPO
-from tests.test_pipeline import GIT_ENV, tiny_params
+from tests.e2e.test_pipeline import GIT_ENV, tiny_params
 
 
 def build_project(root: Path, model_dir: Path, tracking_uri: str | None = None, **sections: dict) -> tuple[Path, dict]:

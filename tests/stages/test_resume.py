@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tunekit.chat import encode_conversation, resolve_chat_template
 from tunekit.data import write_rows
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
 
 MAX_STEPS = 40
 CHECKPOINT_EVERY = 3

@@ -13,10 +13,10 @@ import yaml
 
 from stages import dapt, evaluate, finetune, forgetting, merge
 from tests.conftest import REPO
-from tests.test_dapt import domain_corpus, small_params
-from tests.test_evaluate_stage import conversation
-from tests.test_heads import llama_dir, tokenized  # noqa: F401 (fixtures)
-from tests.test_methods import CASES, base_dirs, rows  # noqa: F401 (fixtures)
+from tests.stages.test_dapt import domain_corpus, small_params
+from tests.stages.test_evaluate_stage import conversation
+from tests.tunekit.tasks.test_heads import llama_dir, tokenized  # noqa: F401 (fixtures)
+from tests.tunekit.test_methods import CASES, base_dirs, rows  # noqa: F401 (fixtures)
 from tunekit.chat import encode_conversation, resolve_chat_template
 from tunekit.data import write_rows
 from tunekit.io import is_merged, read_jsonl

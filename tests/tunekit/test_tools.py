@@ -15,7 +15,7 @@ from tunekit.ingest import Record, Reject, ingest, read_file
 from tunekit.data import read_split
 from tunekit.params import TemplateParams
 
-from tests.test_chat import assert_trained_exactly, decode
+from tests.tunekit.test_chat import assert_trained_exactly, decode
 
 # Modelled on Qwen2.5-Instruct's template: tools listed in the system turn, each call as <tool_call> JSON
 # after the assistant header, consecutive tool results grouped into one user turn of <tool_response>s.

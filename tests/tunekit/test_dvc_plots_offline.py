@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_mlflow_compare import CHROMIUM, CHROMIUM_FLAGS
+from tests.e2e.test_mlflow_compare import CHROMIUM, CHROMIUM_FLAGS
 from tunekit.forgetting import loss_bar_png
 from tunekit.plots import loss_curve_png, write_csv
 

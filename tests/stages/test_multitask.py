@@ -4,7 +4,7 @@ full / head / lora on one shared encoder, save and reload, merge, evaluate per t
 that must step aside (forgetting) or explain themselves (refused methods).
 
 The encoder is a tiny BERT built from a config with the real MiniLM (WordPiece) tokenizer; the data is
-the memorisable sets of tests/test_heads.py, written as the files a user would point task.tasks at."""
+the memorisable sets of tests/tunekit/tasks/test_heads.py, written as the files a user would point task.tasks at."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from stages import evaluate, finetune, forgetting, ingest, merge, template
-from tests.test_heads import raw_examples, tiny_bert_dir
+from tests.tunekit.tasks.test_heads import raw_examples, tiny_bert_dir
 from tunekit.modeling import MultiTaskModel, one_task
 from tunekit.tasks import load_tuned
 from tunekit.tasks.heads import TaskSpec, load_task_model, predict

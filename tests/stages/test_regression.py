@@ -15,7 +15,7 @@ import scipy.stats
 import sklearn.metrics as skm
 
 from stages import evaluate, finetune, forgetting, merge
-from tests.test_heads import bert_dir, llama_dir, minilm_tokenizer  # noqa: F401 (fixtures)
+from tests.tunekit.tasks.test_heads import bert_dir, llama_dir, minilm_tokenizer  # noqa: F401 (fixtures)
 from tunekit.demo import generate_regression
 from tunekit.ingest import Reject, TaskRecord, ingest, read_file
 from tunekit.data import read_split, write_rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tests.conftest import REPO
 import hashlib
 import inspect
 import json
@@ -14,7 +15,7 @@ import pytest
 from tunekit.data import read_split
 from tunekit.ingest import FORMATS, IngestError, Record, Reject, ingest, input_files, read_file, split_of
 
-DATA = Path(__file__).parent / "data" / "ingest"
+DATA = REPO / "tests" / "data" / "ingest"
 
 REASONS = {
     "invalid_json", "not_an_object", "wrong_format", "wrong_type", "unknown_role", "empty_content",

@@ -23,7 +23,7 @@ from tunekit.sandbox import (SANDBOX_MARKER, SANDBOX_UID, Result, SandboxUnavail
                              load_humaneval, pass_at_k_report, run_program)
 
 IS_ROOT = os.geteuid() == 0
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 KERNEL_LAYERS = {"nobody", "mntns", "pidns", "netns", "ipcns", "utsns", "disk", "rlimits", "seccomp"}
 EROFS = "[Errno 30] Read-only file system"
 

@@ -19,7 +19,7 @@ from tunekit.params import TaskParams
 from tunekit.tasks import TASKS, TaskError, task_for, task_of
 from tunekit.tasks.heads import head_kind
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 def test_leaf_names_are_the_registries_names():

@@ -1,7 +1,7 @@
 """The guards against a collapsed task head (issue 16; tunekit/collapse.py and each kind's `collapse` and
 `prior_loss`), class-weighted token classification, and per-class scores (tunekit/per_class.py).
 
-Tiny BERT models are built from a config (tests/test_heads.py); a collapsed model is one whose classifier
+Tiny BERT models are built from a config (tests/tunekit/tasks/test_heads.py); a collapsed model is one whose classifier
 bias is set so that one label wins everywhere; a good one is trained on the memorisable sets."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from seqeval.metrics import classification_report as seqeval_report
 from sklearn.metrics import classification_report as sklearn_report
 from sklearn.utils.class_weight import compute_class_weight
 
-from tests import test_heads
+from tests.tunekit.tasks import test_heads
 from tunekit.collapse import prior_check, prior_cross_entropy
 from tunekit.data import read_split
 from tunekit.io import read_json

@@ -47,7 +47,7 @@ LLAMA2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[I
 CONVERSATIONS = [("What does the return statement do?", "It leaves the function with a value."),
                  ("Name a built-in type.", "The int type, for 123 and 4567."),
                  ("Is ünïcode fine?", "Yes: 日本 and ✅ fall back to bytes.")]
-# (Qwen2, with yarn rope scaling and attention biases: tests/test_gguf_export.py, with a byte-level BPE tokenizer.)
+# (Qwen2, with yarn rope scaling and attention biases: tests/tunekit/test_gguf_export.py, with a byte-level BPE tokenizer.)
 # Text without special tokens: spaces (leading, runs), newlines, tabs, digits, accents, CJK, emoji (byte fallback).
 PLAIN = ["Hello world", "The function returns None.", "two  spaces and   three", "line one\nline two\n\n\tindented",
          "digits 0123456789 and 3.14", "café naïve résumé", "日本語のテキスト", "emoji 🦙🚀 and ✅", "a\u00a0b\u200dc"]

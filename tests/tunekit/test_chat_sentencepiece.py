@@ -14,7 +14,7 @@ import pytest
 from transformers import AddedToken, BertGenerationTokenizer, LlamaTokenizerFast
 
 from tests.conftest import train_sentencepiece
-from tests.test_chat import trained_runs
+from tests.tunekit.test_chat import trained_runs
 from tunekit.chat import IGNORE_INDEX, encode_conversation, end_of_turn_marker, pack, render
 
 # Modelled on meta-llama/Llama-2-7b-chat-hf's template: the system prompt inside the first [INST],

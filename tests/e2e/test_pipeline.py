@@ -28,7 +28,7 @@ def tiny_params(model_dir: Path) -> dict:
     params["finetune"].update(max_steps=6, batch_size=4, eval_every=3, checkpoint_every=3, threads=1)
     params["finetune"]["lora"]["r"] = 4
     params["evaluate"].update(max_new_tokens=8, max_examples=4)
-    params["export"]["gates"] = {}  # a 6-step tiny random model learns nothing; tests/test_export.py tests the gates
+    params["export"]["gates"] = {}  # a 6-step tiny random model learns nothing; tests/stages/test_export.py tests the gates
     return params
 
 

@@ -3,6 +3,7 @@ QA windows with the real SmolLM2 and MiniLM tokenizers, QA post-processing, and 
 
 from __future__ import annotations
 
+from tests.conftest import REPO
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tunekit.tasks.heads import TaskDataError, load_labels, tokenize_task
 from tunekit.tasks.qa import encode_qa, qa_postprocess
 from tunekit.tasks.token_classification import encode_tokens, word_predictions
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 TOKENIZERS = ["smollm2", "minilm"]
 
 

@@ -17,7 +17,7 @@ from stages import merge
 from tests.conftest import REPO
 from tunekit.io import read_meta
 from tunekit.registry import HASH_TAG, promote_candidate
-from tests.test_merge import adapter_and_data  # noqa: F401  (fixture: a tiny LoRA adapter + tokenized data)
+from tests.stages.test_merge import adapter_and_data  # noqa: F401  (fixture: a tiny LoRA adapter + tokenized data)
 
 # Runs in a fresh process with the hub switched off and every non-loopback connection refused, so a
 # hub look-up anywhere in loading would fail loudly instead of passing thanks to a warm cache.

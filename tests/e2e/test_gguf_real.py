@@ -111,7 +111,7 @@ def shipped_gguf_dir() -> Path | None:
 def test_llama_cpp_generates_what_the_merged_model_generates_on_the_demo_test_prompts(request, tmp_path):
     python = llama_cpp_python()
     if python is None:
-        pytest.skip("llama-cpp-python is not installed: set TUNEKIT_LLAMA_CPP_PYTHON (tests/test_gguf_real.py docstring)")
+        pytest.skip("llama-cpp-python is not installed: set TUNEKIT_LLAMA_CPP_PYTHON (tests/e2e/test_gguf_real.py docstring)")
     out = shipped_gguf_dir() or request.getfixturevalue("exported")[0]  # the files the pipeline shipped, if current
     tokenizer = load_tokenizer(MERGED)
     chat_template = resolve_chat_template(TemplateParams().chat_template, tokenizer)

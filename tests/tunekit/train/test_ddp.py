@@ -17,11 +17,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_resume import conversation, stage_env
+from tests.stages.test_resume import conversation, stage_env
 from tunekit.chat import encode_conversation, resolve_chat_template
 from tunekit.data import write_rows
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
 MAX_STEPS = 6
 
 

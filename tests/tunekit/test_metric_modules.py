@@ -26,7 +26,7 @@ from tunekit.generate import score_generations
 from tunekit.metric_modules import BUILTIN, MetricModuleError, builtin_path
 from tunekit.params import EvaluateParams, ParamsError, validate_section
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
 FIXTURES = REPO / "tests" / "fixtures" / "metric_modules"
 
 PREDICTIONS = ["The order ships on Monday.\nIt arrives Friday.", "the cat sat on the mat", '{"a": 1}',
