@@ -566,7 +566,7 @@ def _hub_sources(repo: str) -> Iterator[tuple[str, Iterator]]:
     """A data set on the Hugging Face Hub, streamed split by split (needs network; nothing is cached)."""
     offline = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
                if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")]
-    reason = f"{' and '.join(offline)} is set" if offline else None
+    reason = f"{' and '.join(offline)} {'is' if len(offline) == 1 else 'are'} set" if offline else None
     if reason is None and not _online():
         reason = "huggingface.co cannot be reached"
     if reason is not None:

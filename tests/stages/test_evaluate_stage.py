@@ -2,13 +2,13 @@
 HumanEval scored through the sandbox, the lineage (dapt, merged) side by side, predictions and report."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from stages import evaluate
+from tests.conftest import REPO
 from tunekit.chat import encode_conversation, resolve_chat_template
 from tunekit.generate import choose_demonstrations, code_scores, cut_at_stops, few_shot_records, prompts_from_conversations
 from tunekit.data import write_rows
@@ -190,7 +190,7 @@ def test_real_dapt_parent_is_scored_and_passthrough_is_not(project, tiny_model_d
 # ---------------------------------------------------------------- users' evaluate modules
 
 
-FIXTURE_MODULES = Path(__file__).resolve().parent / "fixtures" / "metric_modules"
+FIXTURE_MODULES = REPO / "tests" / "fixtures" / "metric_modules"
 
 
 def test_a_users_metric_module_named_in_params_is_scored_and_reported_for_every_model(project, tmp_path):

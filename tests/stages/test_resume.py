@@ -77,8 +77,8 @@ def make_project(root: Path) -> Path:
 
 
 def stage_command(root: Path, model: Path, data: Path | None) -> list[str]:
-    """The finetune stage on `data`, or (data None) the dapt stage on the corpus its params name."""
-    stage = ["stages.finetune", "--data", str(data)] if data is not None else ["stages.dapt"]
+    """The finetune stage on `data`, or (data None) the dapt stage on the blocks the pack stage wrote to root/packed."""
+    stage = ["stages.finetune", "--data", str(data)] if data is not None else ["stages.dapt", "--data", str(root / "packed")]
     return [sys.executable, "-m", stage[0], "--model", str(model), *stage[1:],
             "--out", str(root / "out"), "--metrics", str(root / "metrics.json"), "--plots", str(root / "plots"),
             "--checkpoints", str(root / "checkpoints")]
@@ -199,6 +199,9 @@ def test_dapt_kill_9_and_resume_gives_the_same_merged_weights(tiny_model_dir, tm
                               early_stopping_patience=None, threads=1)
         params["dapt"]["lora"].update(r=4, dropout=0.1)
         (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+        subprocess.run([sys.executable, "-m", "stages.pack", "--model", str(tiny_model_dir), "--out", str(root / "packed"),
+                        "--metrics", str(root / "pack.json")], cwd=root, env=stage_env(root), check=True,
+                       capture_output=True)
         projects.append(root)
     killed, reference = projects
     with Stages(tiny_model_dir, None) as stages:

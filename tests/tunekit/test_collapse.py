@@ -169,6 +169,7 @@ def test_evaluate_stage_reports_a_collapsed_checkpoint(bert_dir, minilm_tokenize
     from tunekit.tracking import log_metrics
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("collapse")  # not an experiment id left active by an earlier test's store
     with mlflow.start_run() as run:
         log_metrics(mlflow, {k: v for k, v in results.items() if k != "checkpoints"})
         mlflow.set_tag("collapsed", ", ".join(evaluate.collapsed_models(results)) or "none")
@@ -187,6 +188,7 @@ def test_log_metrics_makes_label_names_valid_mlflow_names(tmp_path):
     assert metric_name("tuned.per_class.ship?.f1") == "tuned.per_class.ship_.f1"
     assert metric_name("tuned.collapse.predicted.a+b") == "tuned.collapse.predicted.a_b"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("collapse")  # not an experiment id left active by an earlier test's store
     with mlflow.start_run() as run:
         log_metrics(mlflow, {"tuned": {"per_class": {"où?": {"f1": 0.5}, "..": {"f1": 0.25}}}})
     assert mlflow.get_run(run.info.run_id).data.metrics == {"tuned.per_class.où_.f1": 0.5, "tuned.per_class._.f1": 0.25}

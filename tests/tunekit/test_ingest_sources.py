@@ -105,6 +105,7 @@ def test_a_directory_mixes_jsonl_parquet_and_csv(tmp_path):
 
 def test_hub_inputs_offline_fail_with_the_way_to_pass_a_local_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)  # the stages set it (tunekit.data.configure)
     with pytest.raises(IngestError, match=r"(?s)hub:owner/chats.*no network \(HF_HUB_OFFLINE is set\).*save_to_disk"
                                           r"\(\"data/raw/chats\"\).*ingest.inputs: data/raw/chats") as caught:
         ingest("hub:owner/chats", tmp_path / "out")

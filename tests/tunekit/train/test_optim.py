@@ -247,7 +247,7 @@ def test_dapt_refuses_bf16_on_the_cpu(tiny_model_dir, tmp_path):
 
     params = DaptParams(enabled=True, inputs=str(tmp_path), precision="bf16")
     with pytest.raises(SystemExit, match=r"dapt\.precision: bf16 autocasts on CUDA only"):
-        dapt.run(params, 0, tiny_model_dir, tmp_path / "out", tmp_path / "plots", tmp_path / "ckpt")
+        dapt.run(params, 0, tiny_model_dir, tmp_path / "packed", tmp_path / "out", tmp_path / "plots", tmp_path / "ckpt")
 
 
 @pytest.mark.gpu
