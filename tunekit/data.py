@@ -254,9 +254,10 @@ def _write_examples(path: Path, features, examples: Iterable[dict[str, Any]]) ->
     _write_metadata(path, features)
 
 
-def save_dataset(dataset, path: Path) -> None:
+def save_dataset(dataset, path: Path, split: str | None = None) -> None:
     """Write a `datasets.Dataset` (e.g. the result of a map) as a dataset directory at `path`: one shard,
-    record batches of WRITER_BATCH rows, a content fingerprint; the same rows give the same bytes."""
+    record batches of WRITER_BATCH rows, a content fingerprint, the `split` name if given (`Dataset.split` on
+    loading); the same rows give the same bytes."""
     import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
 
@@ -271,10 +272,10 @@ def save_dataset(dataset, path: Path) -> None:
         writer.finalize()
     finally:
         writer.close()
-    _write_metadata(path, dataset.features)
+    _write_metadata(path, dataset.features, split)
 
 
-def _write_metadata(path: Path, features) -> None:
+def _write_metadata(path: Path, features, split: str | None = None) -> None:
     digest = hashlib.sha256()
     with open(path / SHARD, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -282,7 +283,7 @@ def _write_metadata(path: Path, features) -> None:
     info = {"citation": "", "description": "", "features": features.to_dict(), "homepage": "", "license": ""}
     (path / "dataset_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     state = {"_data_files": [{"filename": SHARD}], "_fingerprint": digest.hexdigest()[:16], "_format_columns": None,
-             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
+             "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": split}
     (path / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tunekit.data import configure, save_dataset
 from tunekit.io import read_meta
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -165,12 +165,11 @@ PACK_BATCH = 1000  # documents per map batch
 
 
 def _datasets():
-    """The `datasets` package, offline, with its global cache off (its cache files would otherwise land
-    beside their source: inside an input or an output directory)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    """The `datasets` package with tunekit's settings (tunekit.data.configure: no global cache, whose files would
+    land beside their source, inside an input or an output directory)."""
+    configure()
     import datasets
 
-    datasets.disable_caching()
     return datasets
 
 
@@ -252,26 +251,6 @@ def _column_2d(dataset, name: str, width: int, dtype) -> np.ndarray:
     return np.concatenate(chunks).astype(dtype, copy=False).reshape(-1, width) if chunks else np.zeros((0, width), dtype)
 
 
-def canonicalise_saved(path: Path, split: str, description: str) -> None:
-    """Make a `save_to_disk` directory depend on its rows only: its state.json fingerprint (random, or derived
-    from temporary paths) becomes a hash of its Arrow files, its split the name given (`num_proc` maps lose
-    it), and dataset_info.json a fresh one naming just the features (a builder's records the generator's
-    name, config and row count of the whole corpus)."""
-    import datasets
-
-    path = Path(path)
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    digest = hashlib.sha256()
-    for shard in state["_data_files"]:
-        with open(path / shard["filename"], "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    state["_fingerprint"], state["_split"] = digest.hexdigest()[:16], split
-    (path / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    features = datasets.load_from_disk(str(path)).features
-    datasets.DatasetInfo(description=description, features=features).write_to_directory(str(path))
-
-
 def pack_corpus(inputs: str | Path, tokenizer, block_size: int, validation: float, out: Path, scratch: Path,
                 num_proc: int = 1) -> dict[str, int]:
     """Write `out`/train and `out`/validation: the blocks of `pack_documents`, split as `split_blocks` splits
@@ -312,13 +291,10 @@ def pack_corpus(inputs: str | Path, tokenizer, block_size: int, validation: floa
     mask = held_out(_column_2d(blocks, "digest", 4, np.uint64), validation)
     blocks = blocks.with_format(None).select_columns(["input_ids"])
     for split, keep in zip(SPLITS, (~mask, mask)):
-        if keep.any():
-            part = blocks.select(np.flatnonzero(keep), indices_cache_file_name=str(scratch / f"{split}.indices.arrow"),
-                                 new_fingerprint=f"{split}-indices")
-        else:  # `save_to_disk` writes no shard for an empty selection, and `load_from_disk` then fails
-            part = datasets.Dataset.from_dict({"input_ids": []}, features=block_features(block_size))
-        part.save_to_disk(str(Path(out) / split), num_shards=None if keep.any() else 1)
-        canonicalise_saved(Path(out) / split, split, f"tunekit pack: {split} blocks of {block_size} tokens")
+        # tunekit.data's writer, as for every split between stages: one shard (also for an empty selection), the
+        # same bytes for the same rows, a content fingerprint
+        save_dataset(blocks.select(np.flatnonzero(keep), indices_cache_file_name=str(scratch / f"{split}.indices.arrow"),
+                                   new_fingerprint=f"{split}-indices"), Path(out) / split, split)
     return {"documents": len(lengths), "tokens": stream_len, "blocks": len(mask),
             "train_blocks": int((~mask).sum()), "validation_blocks": int(mask.sum())}
 
